@@ -1,0 +1,261 @@
+"""Class-incremental classification runs (Split Digits): build, train, evaluate, report.
+
+Strategies by name (``strategy.name``):
+- ``naive``: fine-tune on each experience (the lower bound);
+- ``replay``: the loop's history library, trained together with each minibatch;
+- ``gradient_mixing``: replay history gradient mixed with the transfer gradient by similarity;
+- ``lwf`` / ``ewc``: Avalanche's own regularisation plugins, unmodified, inside our loop;
+- ``cumulative``: keep training the same model on all data seen so far;
+- ``joint``: retrain from the initial weights on all data seen so far (the upper bound).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ..buffer import STORAGE_POLICIES, HistoryLibrary
+from ..config import check
+from ..data import Experience
+from ..metrics import format_matrix, summarize
+from ..models import build_model
+from ..plots import accuracy_heatmap
+from ..scenarios.digits import split_digits
+from ..trainer import Trainer, seed_everything
+
+STRATEGIES = ("naive", "replay", "gradient_mixing", "lwf", "ewc", "cumulative", "joint")
+
+
+@dataclass
+class ScenarioConfig:
+    name: str = "split_digits"
+    n_experiences: int = 5
+    class_order: list[int] | None = None
+    shuffle_classes: bool = False
+    test_fraction: float = 0.3
+
+    def validate(self) -> None:
+        check(1 <= self.n_experiences <= 10, "scenario.n_experiences",
+              f"must be between 1 and the number of classes (10), got {self.n_experiences}")
+        if self.class_order is not None:
+            check(sorted(self.class_order) == list(range(10)), "scenario.class_order",
+                  f"must be a permutation of 0..9, got {self.class_order}")
+        check(0.0 < self.test_fraction < 1.0, "scenario.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["naive", "replay", "gradient_mixing", "lwf", "ewc", "cumulative", "joint"] = "replay"
+    mem_size: int = 200
+    storage_policy: str = "reservoir"
+    history_batch_size: int | None = None
+    rule: str = "similarity"
+    max_comparisons: int = 10
+    lwf_alpha: float = 1.0
+    lwf_temperature: float = 2.0
+    ewc_lambda: float = 100.0
+
+    def validate(self) -> None:
+        check(self.mem_size >= 0, "strategy.mem_size", f"must be >= 0, got {self.mem_size}")
+        if self.name in ("replay", "gradient_mixing"):
+            check(self.mem_size > 0, "strategy.mem_size", f"{self.name} needs a history library (mem_size > 0)")
+        known = set(STORAGE_POLICIES) | {"gradient_diversity"}
+        check(self.storage_policy in known, "strategy.storage_policy",
+              f"unknown policy {self.storage_policy!r}; known: {', '.join(sorted(known))}")
+        if self.history_batch_size is not None:
+            check(self.history_batch_size > 0, "strategy.history_batch_size", "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    eval_batch_size: int = 512
+    device: str = "cpu"
+    threads: int | None = 1
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+        check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 or null")
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["mlp", "convnet"] = "mlp"
+    hidden_size: int = 256
+    hidden_layers: int = 1
+    channels: int = 32
+    growing_head: bool = False
+
+    def validate(self) -> None:
+        check(self.hidden_size >= 1, "model.hidden_size", "must be >= 1")
+        check(self.hidden_layers >= 1, "model.hidden_layers", "must be >= 1")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        check(self.scenario.name == "split_digits", "scenario.name", "this runner handles split_digits")
+
+
+def model_kwargs(cfg: ModelConfig, n_classes: int) -> dict[str, Any]:
+    if cfg.name == "mlp":
+        return {"input_size": 64, "hidden_size": cfg.hidden_size, "hidden_layers": cfg.hidden_layers, "n_classes": n_classes}
+    return {"in_channels": 1, "image_size": 8, "channels": cfg.channels, "n_classes": n_classes}
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def build_strategy(cfg: StrategyConfig, seed: int) -> tuple[list[Any], HistoryLibrary | None]:
+    """Plugins and history library for a strategy name (the loop itself is the same for all)."""
+    history = None
+    plugins: list[Any] = []
+    if cfg.name in ("replay", "gradient_mixing"):
+        if cfg.storage_policy == "gradient_diversity":
+            from strategies.gradient_mixing import GradientDiversityPolicy
+
+            policy: Any = GradientDiversityPolicy(max_comparisons=cfg.max_comparisons)
+        else:
+            policy = cfg.storage_policy
+        history = HistoryLibrary(cfg.mem_size, policy, seed=seed)
+    if cfg.name == "gradient_mixing":
+        from strategies.gradient_mixing import GradientMixingPlugin
+
+        plugins.append(GradientMixingPlugin(rule=cfg.rule))
+    elif cfg.name == "lwf":
+        from avalanche.training.plugins import LwFPlugin
+
+        plugins.append(LwFPlugin(alpha=cfg.lwf_alpha, temperature=cfg.lwf_temperature))
+    elif cfg.name == "ewc":
+        from avalanche.training.plugins import EWCPlugin
+
+        plugins.append(EWCPlugin(ewc_lambda=cfg.ewc_lambda))
+    return plugins, history
+
+
+def union_experience(stream: list[Experience], upto: int) -> Experience:
+    """Experiences 0..upto merged into one (for joint and cumulative training)."""
+    dataset = stream[0].dataset
+    classes = list(stream[0].classes_in_this_experience)
+    for exp in stream[1 : upto + 1]:
+        dataset = dataset.concat(exp.dataset)
+        classes += exp.classes_in_this_experience
+    return Experience(dataset, upto, sorted(classes), classes_seen_so_far=sorted(classes))
+
+
+class ClassificationRun:
+    """One run: the scenario, the trainer, and the accuracy matrix built experience by experience.
+
+    Kept as an object (not a function) so that checkpoints can capture and restore it between
+    experiences.
+    """
+
+    def __init__(self, cfg: Config, progress: bool = False) -> None:
+        self.cfg = cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        seed_everything(cfg.seed)
+        s = cfg.scenario
+        self.benchmark = split_digits(s.n_experiences, s.class_order, s.shuffle_classes, s.test_fraction, cfg.seed)
+        first = self.benchmark.train_stream[0].classes_in_this_experience
+        n_out = (max(first) + 1) if cfg.model.growing_head else self.benchmark.n_classes
+        self.model = build_model(cfg.model.name, **model_kwargs(cfg.model, n_out))
+        self.initial_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        plugins, history = build_strategy(cfg.strategy, cfg.seed)
+        self.trainer = Trainer(
+            self.model, make_optimizer(cfg.train, self.model), torch.nn.CrossEntropyLoss(),
+            train_mb_size=cfg.train.batch_size, train_epochs=cfg.train.epochs,
+            eval_mb_size=cfg.train.eval_batch_size, device=cfg.train.device, plugins=plugins,
+            history=history, history_mb_size=cfg.strategy.history_batch_size, seed=cfg.seed,
+            progress=progress,
+        )
+        self.progress = progress
+        self.accuracy_matrix: list[list[float]] = []
+        self.train_time_s = 0.0
+
+    @property
+    def n_experiences(self) -> int:
+        return len(self.benchmark.train_stream)
+
+    def step(self, i: int) -> list[float]:
+        """Train on experience ``i`` (as the strategy dictates) and evaluate the whole test stream."""
+        start = time.perf_counter()
+        stream = self.benchmark.train_stream
+        name = self.cfg.strategy.name
+        if name == "joint":
+            self._restart_model()
+            self.trainer.train(union_experience(stream, i))
+        elif name == "cumulative":
+            self.trainer.train(union_experience(stream, i))
+        else:
+            self.trainer.train(stream[i])
+        results = self.trainer.eval(self.benchmark.test_stream)
+        row = [results[j]["accuracy"] for j in range(self.n_experiences)]
+        self.accuracy_matrix.append(row)
+        self.train_time_s += time.perf_counter() - start
+        return row
+
+    def _restart_model(self) -> None:
+        """Joint training retrains from scratch: same initial weights, fresh optimizer."""
+        self.trainer.model.load_state_dict(self.initial_state) if self._fixed_head() else self._rebuild_model()
+        self.trainer.optimizer = make_optimizer(self.cfg.train, self.trainer.model)
+
+    def _fixed_head(self) -> bool:
+        return not self.cfg.model.growing_head
+
+    def _rebuild_model(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        first = self.benchmark.train_stream[0].classes_in_this_experience
+        self.trainer.model = build_model(self.cfg.model.name, **model_kwargs(self.cfg.model, max(first) + 1))
+
+    def results(self) -> dict[str, Any]:
+        R = self.accuracy_matrix
+        return {
+            "accuracy_matrix": R,
+            **summarize(R),
+            "class_order": self.benchmark.class_order,
+            "classes_per_experience": self.benchmark.classes_per_experience,
+            "train_eval_time_s": self.train_time_s,
+        }
+
+
+def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = False) -> dict[str, Any]:
+    runner = ClassificationRun(cfg, progress=progress)
+    start = 0
+    from ..checkpoint import RunCheckpointer
+
+    checkpointer = RunCheckpointer(out_dir, dataclasses.asdict(cfg))
+    if resume:
+        start = checkpointer.restore(runner)
+    for i in tqdm(range(start, runner.n_experiences), desc="experiences", disable=not progress,
+                  initial=start, total=runner.n_experiences):
+        runner.step(i)
+        checkpointer.save(runner, i + 1)
+    results = runner.results()
+    accuracy_heatmap(results["accuracy_matrix"], out_dir / "accuracy_matrix.png",
+                     title=f"{cfg.strategy.name} on Split Digits (seed {cfg.seed})")
+    results["report"] = format_matrix(results["accuracy_matrix"])
+    return results

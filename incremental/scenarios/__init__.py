@@ -1,0 +1,4 @@
+"""Scenarios: deterministic streams of experiences built from a seed."""
+from .digits import SplitDigits, load_digits_arrays, split_digits
+
+__all__ = ["SplitDigits", "split_digits", "load_digits_arrays"]

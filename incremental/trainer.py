@@ -1,0 +1,416 @@
+"""The training loop: Avalanche's SupervisedTemplate shape, a plain PyTorch loop's cost.
+
+Read top to bottom: ``train`` -> ``_train_experience`` -> ``_train_epoch`` -> one iteration, then
+``eval``. Callback names, order and strategy attributes follow Avalanche 0.6's SupervisedTemplate
+(``training_epoch`` in ``update_type/sgd_update.py``, ``_before_training_exp`` in ``base_sgd.py``),
+so Avalanche plugins (LwF, EWC, ...) run here unmodified and ours run in Avalanche. Two things are
+ours: minibatches are tensor slices instead of per-sample ``__getitem__`` calls, and callbacks are
+dispatched only to plugins that override them. Both are what make the loop cost about what a
+hand-written loop costs (``benchmarks/loop_overhead.py``).
+
+The history library (replay buffer) belongs to the loop. For every training minibatch the loop draws
+the next history minibatch (``mb_history``), cycling through the library. Unless a plugin declares
+``consumes_history = True`` (gradient mixing takes its own gradient from it), the history minibatch
+is concatenated into ``mbatch`` before ``before_training_iteration``, which is what Avalanche's replay
+does; either way ``mb_history`` stays visible to plugins.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .buffer import HistoryLibrary
+from .data import Batch, SampleSet, as_samples, concat_batches, iterate_batches, move_to
+from .plugins import ALL_CALLBACKS, overrides
+
+
+class Clock:
+    """Counters with Avalanche's names and update points (Avalanche runs its Clock as the last
+    plugin, so every plugin sees the value from before the update of the current callback)."""
+
+    def __init__(self) -> None:
+        self.train_iterations = 0
+        self.train_exp_counter = 0
+        self.train_exp_epochs = 0
+        self.train_exp_iterations = 0
+        self.train_epoch_iterations = 0
+        self.total_iterations = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+class ClassificationAccumulator:
+    """Accuracy and mean loss over one evaluation experience.
+
+    A label the (growing) head has no output for yet counts as wrong and is left out of the loss.
+    """
+
+    def __init__(self, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.criterion = criterion
+        self.correct = 0
+        self.count = 0
+        self.loss_sum = 0.0
+        self.loss_count = 0
+
+    def update(self, output: torch.Tensor, y: torch.Tensor) -> None:
+        self.correct += int((output.argmax(dim=1) == y).sum())
+        self.count += len(y)
+        valid = y < output.shape[1]
+        if bool(valid.any()):
+            n = int(valid.sum())
+            self.loss_sum += float(self.criterion(output[valid], y[valid])) * n
+            self.loss_count += n
+
+    def result(self) -> dict[str, float]:
+        return {
+            "accuracy": self.correct / max(self.count, 1),
+            "loss": self.loss_sum / self.loss_count if self.loss_count else float("nan"),
+            "count": self.count,
+        }
+
+
+def experience_classes(experience: Any, samples: SampleSet) -> list[int]:
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if classes is None:
+        classes = sorted(set(samples.labels.tolist()))
+    return sorted(int(c) for c in classes)
+
+
+class Trainer:
+    """Continual-learning loop over a stream of experiences, with plugins and a history library.
+
+    ``history`` is the shared replay buffer (``None`` or capacity 0 for no replay);
+    ``history_mb_size`` is the history minibatch size (default: ``train_mb_size``, as Avalanche's
+    replay). ``seed`` drives the loop's own generator (shuffling), independent of the global RNG.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: Callable[..., torch.Tensor] | None = None,
+        *,
+        train_mb_size: int = 32,
+        train_epochs: int = 1,
+        eval_mb_size: int | None = None,
+        device: str | torch.device = "cpu",
+        plugins: Sequence[Any] | None = None,
+        history: HistoryLibrary | None = None,
+        history_mb_size: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        progress: bool = False,
+        eval_accumulator: Callable[["Trainer"], Any] | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self._criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.train_mb_size = int(train_mb_size)
+        self.train_epochs = int(train_epochs)
+        self.eval_mb_size = int(eval_mb_size or max(train_mb_size, 256))
+        self.plugins: list[Any] = list(plugins or [])
+        self.history = history
+        self.history_mb_size = int(history_mb_size or train_mb_size)
+        self.shuffle = shuffle
+        self.progress = progress
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.eval_accumulator = eval_accumulator or (lambda s: ClassificationAccumulator(s._criterion))
+        self.clock = Clock()
+        self.retain_graph = False
+        self.classes_seen: set[int] = set()
+
+        # Strategy attributes plugins read (Avalanche's names).
+        self.experience: Any = None
+        self.adapted_dataset: SampleSet | None = None
+        self.dataloader: Iterable[Batch] | None = None
+        self.mbatch: Batch | None = None
+        self.mb_history: Batch | None = None
+        self.mb_output: Any = None
+        self.loss: torch.Tensor | None = None
+        self.is_training = False
+        self.current_eval_stream: Any = None
+        self._stop_training = False
+        self._history_iter: Iterator[Batch] | None = None
+        self._callbacks: dict[str, list[Callable[..., Any]]] = {}
+        self._refresh_callbacks()
+
+    # ------------------------------------------------------------------ plugin dispatch
+    def _refresh_callbacks(self) -> None:
+        """Bind, per callback, only the plugins that override it (a no-op costs nothing then)."""
+        self._callbacks = {
+            name: [getattr(p, name) for p in self.plugins if overrides(p, name)] for name in ALL_CALLBACKS
+        }
+        self.consumes_history = any(getattr(p, "consumes_history", False) for p in self.plugins)
+
+    def _fire(self, name: str, **kwargs: Any) -> None:
+        for callback in self._callbacks[name]:
+            callback(self, **kwargs)
+
+    def add_plugin(self, plugin: Any) -> None:
+        self.plugins.append(plugin)
+        self._refresh_callbacks()
+
+    # ------------------------------------------------------------------ minibatch views
+    @property
+    def mb_x(self) -> Any:
+        return self.mbatch[0]
+
+    @property
+    def mb_y(self) -> Any:
+        return self.mbatch[1]
+
+    @property
+    def mb_task_id(self) -> Any:
+        return self.mbatch[-1]
+
+    @property
+    def mb_history_x(self) -> Any:
+        return None if self.mb_history is None else self.mb_history[0]
+
+    @property
+    def mb_history_y(self) -> Any:
+        return None if self.mb_history is None else self.mb_history[1]
+
+    @property
+    def is_eval(self) -> bool:
+        return not self.is_training
+
+    # ------------------------------------------------------------------ overridable steps
+    def forward(self) -> Any:
+        return self.model(self.mb_x)
+
+    def criterion(self) -> torch.Tensor:
+        return self._criterion(self.mb_output, self.mb_y)
+
+    def backward(self) -> None:
+        self.loss.backward(retain_graph=self.retain_graph)
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def stop_training(self) -> None:
+        self._stop_training = True
+
+    def _make_empty_loss(self) -> torch.Tensor:
+        return torch.zeros(1, device=self.device)
+
+    def model_adaptation(self, model: nn.Module | None = None) -> nn.Module:
+        """Grow every growing classifier head to cover the classes seen so far (old rows kept)."""
+        model = model if model is not None else self.model
+        if self.classes_seen:
+            n_classes = max(self.classes_seen) + 1
+            for module in model.modules():
+                grow = getattr(module, "grow_to", None)
+                if callable(grow):
+                    grow(n_classes)
+        return model.to(self.device)
+
+    def make_optimizer(self) -> None:
+        """Point the optimizer at the model's current parameters (they change when a head grows).
+
+        Optimizer state (momentum, Adam moments) is kept for parameters that did not change; a grown
+        head is a new parameter and starts with fresh state.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        current = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if [id(p) for p in params] == [id(p) for p in current]:
+            return
+        if len(self.optimizer.param_groups) != 1:
+            raise ValueError(
+                "the model's parameters changed (a head grew) and the optimizer has several param groups; "
+                "override Trainer.make_optimizer to rebuild them"
+            )
+        keep = {id(p) for p in params}
+        for p in list(self.optimizer.state):
+            if id(p) not in keep:
+                del self.optimizer.state[p]
+        self.optimizer.param_groups[0]["params"] = params
+
+    # ------------------------------------------------------------------ training
+    def train(self, experiences: Any, eval_streams: Any = None, **kwargs: Any) -> None:
+        """Train on one experience or a sequence of them, in order."""
+        if hasattr(experiences, "current_experience"):
+            experiences = [experiences]
+        self.is_training = True
+        self._stop_training = False
+        self.model.train()
+        self.model.to(self.device)
+        self._fire("before_training", **kwargs)
+        for self.experience in experiences:
+            self._before_training_exp(**kwargs)
+            self._train_experience(**kwargs)
+            self._after_training_exp(**kwargs)
+        self._fire("after_training", **kwargs)
+        self.is_training = False
+
+    def _before_training_exp(self, **kwargs: Any) -> None:
+        self._fire("before_train_dataset_adaptation", **kwargs)
+        self.adapted_dataset = as_samples(self.experience.dataset)
+        self._fire("after_train_dataset_adaptation", **kwargs)
+        self.classes_seen.update(experience_classes(self.experience, self.adapted_dataset))
+        self.model = self.model_adaptation()
+        self.make_optimizer()
+        self._history_iter = (
+            self.history.batches(self.history_mb_size) if self.history is not None and len(self.history) else None
+        )
+        self._fire("before_training_exp", **kwargs)
+        self.clock.train_exp_iterations = 0
+        self.clock.train_exp_epochs = 0
+
+    def _train_experience(self, **kwargs: Any) -> None:
+        epochs = tqdm(
+            range(self.train_epochs),
+            desc=f"experience {self.experience.current_experience} epochs",
+            leave=False,
+            disable=not self.progress,
+        )
+        for _ in epochs:
+            self._fire("before_training_epoch", **kwargs)
+            self.clock.train_epoch_iterations = 0
+            if self._stop_training:
+                self._stop_training = False
+                break
+            self._train_epoch(**kwargs)
+            self._fire("after_training_epoch", **kwargs)
+            self.clock.train_exp_epochs += 1
+
+    def _train_epoch(self, **kwargs: Any) -> None:
+        self.dataloader = iterate_batches(self.adapted_dataset, self.train_mb_size, self.generator, self.shuffle)
+        for batch in self.dataloader:
+            if self._stop_training:
+                break
+            self.mb_history = move_to(next(self._history_iter), self.device) if self._history_iter else None
+            batch = move_to(batch, self.device)
+            if self.mb_history is not None and not self.consumes_history:
+                batch = concat_batches(batch, self.mb_history)
+            self.mbatch = batch
+            self._fire("before_training_iteration", **kwargs)
+
+            self.optimizer.zero_grad()
+            self.loss = self._make_empty_loss()
+
+            self._fire("before_forward", **kwargs)
+            self.mb_output = self.forward()
+            self._fire("after_forward", **kwargs)
+
+            self.loss += self.criterion()
+
+            self._fire("before_backward", **kwargs)
+            self.backward()
+            self._fire("after_backward", **kwargs)
+
+            self._fire("before_update", **kwargs)
+            self.optimizer_step()
+            self._fire("after_update", **kwargs)
+
+            self._fire("after_training_iteration", **kwargs)
+            clock = self.clock
+            clock.train_epoch_iterations += 1
+            clock.train_exp_iterations += 1
+            clock.train_iterations += 1
+            clock.total_iterations += 1
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        # The library learns the experience before plugins see after_training_exp, so a plugin that
+        # snapshots state there (a checkpoint, a copy of the old model) sees the updated library.
+        if self.history is not None:
+            self.history.update(self.adapted_dataset, strategy=self)
+        self._fire("after_training_exp", **kwargs)
+        self.clock.train_exp_counter += 1
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def eval(self, stream: Any, **kwargs: Any) -> dict[int, dict[str, float]]:
+        """Evaluate on every experience of ``stream``; returns ``{experience id: metrics}``."""
+        if hasattr(stream, "current_experience"):
+            stream = [stream]
+        was_training = self.model.training
+        prev_state = (self.is_training, self.experience, self.mbatch, self.mb_output)
+        self.is_training = False
+        self.model.eval()
+        self.current_eval_stream = stream
+        results: dict[int, dict[str, float]] = {}
+        self._fire("before_eval", **kwargs)
+        for self.experience in stream:
+            self._fire("before_eval_dataset_adaptation", **kwargs)
+            self.adapted_dataset = as_samples(self.experience.dataset)
+            self._fire("after_eval_dataset_adaptation", **kwargs)
+            self._fire("before_eval_exp", **kwargs)
+            accumulator = self.eval_accumulator(self)
+            for batch in iterate_batches(self.adapted_dataset, self.eval_mb_size, None, shuffle=False):
+                self.mbatch = move_to(batch, self.device)
+                self._fire("before_eval_iteration", **kwargs)
+                self._fire("before_eval_forward", **kwargs)
+                self.mb_output = self.forward()
+                self._fire("after_eval_forward", **kwargs)
+                accumulator.update(self.mb_output, self.mb_y)
+                self._fire("after_eval_iteration", **kwargs)
+                self.clock.total_iterations += 1
+            results[int(self.experience.current_experience)] = accumulator.result()
+            self._fire("after_eval_exp", **kwargs)
+        self._fire("after_eval", **kwargs)
+        self.model.train(was_training)
+        self.is_training, self.experience, self.mbatch, self.mb_output = prev_state
+        return results
+
+    # ------------------------------------------------------------------ state for checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where the loop stopped (between experiences)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": None if self.history is None else self.history.state_dict(),
+            "clock": self.clock.state_dict(),
+            "classes_seen": sorted(self.classes_seen),
+            "generator": self.generator.get_state(),
+            "rng": capture_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.classes_seen = set(int(c) for c in state["classes_seen"])
+        self.model = self.model_adaptation()  # grow heads first so the weights fit
+        self.model.load_state_dict(state["model"])
+        self.make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.history is not None and state["history"] is not None:
+            self.history.load_state_dict(state["history"])
+        self.clock.load_state_dict(state["clock"])
+        self.generator.set_state(state["generator"])
+        restore_rng_state(state["rng"])
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Global RNG states (torch, numpy, python) as plain tensors/lists for a weights-only checkpoint."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and python RNGs (model init, dropout, data generation)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
