@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +68,7 @@ class RunCheckpointer:
         for old in sorted(self.dir.glob("exp_*.pt"))[: -self.keep]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
+        _maybe_die_for_test(n_done)
         return path
 
     def load_latest(self) -> dict[str, Any] | None:
@@ -118,3 +121,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if state.get("format", 0) > CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {state.get('format')}, newer than this version reads ({CHECKPOINT_FORMAT})")
     return state
+
+
+def _maybe_die_for_test(n_done: int) -> None:
+    """Fault injection for the resume tests: ``INCREMENTAL_KILL_AFTER_EXPERIENCE=N`` makes the process
+    SIGKILL itself right after checkpoint N is on disk, exactly like a run killed between experiences."""
+    target = os.environ.get("INCREMENTAL_KILL_AFTER_EXPERIENCE")
+    if target is not None and int(target) == n_done:
+        os.kill(os.getpid(), signal.SIGKILL)

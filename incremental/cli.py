@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, apply_overrides, from_dict, load_yaml
 
 #: Extra subcommands contributed by feature modules: name -> module with add_parser(sub) and main(args).
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:

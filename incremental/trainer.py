@@ -65,11 +65,12 @@ class ClassificationAccumulator:
     def update(self, output: torch.Tensor, y: torch.Tensor) -> None:
         self.correct += int((output.argmax(dim=1) == y).sum())
         self.count += len(y)
-        valid = y < output.shape[1]
-        if bool(valid.any()):
-            n = int(valid.sum())
-            self.loss_sum += float(self.criterion(output[valid], y[valid])) * n
-            self.loss_count += n
+        if int(y.max()) >= output.shape[1]:  # labels the head cannot output yet
+            keep = y < output.shape[1]
+            output, y = output[keep], y[keep]
+        if len(y):
+            self.loss_sum += float(self.criterion(output, y)) * len(y)
+            self.loss_count += len(y)
 
     def result(self) -> dict[str, float]:
         return {
@@ -113,6 +114,8 @@ class Trainer:
         eval_accumulator: Callable[["Trainer"], Any] | None = None,
     ) -> None:
         self.device = torch.device(device)
+        # Sample sets live on the CPU; moving a CPU batch to the CPU is a no-op we skip per iteration.
+        self._move = self.device.type != "cpu"
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self._criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
@@ -290,8 +293,10 @@ class Trainer:
         for batch in self.dataloader:
             if self._stop_training:
                 break
-            self.mb_history = move_to(next(self._history_iter), self.device) if self._history_iter else None
-            batch = move_to(batch, self.device)
+            self.mb_history = next(self._history_iter) if self._history_iter else None
+            if self._move:
+                batch = move_to(batch, self.device)
+                self.mb_history = move_to(self.mb_history, self.device)
             if self.mb_history is not None and not self.consumes_history:
                 batch = concat_batches(batch, self.mb_history)
             self.mbatch = batch
@@ -349,7 +354,7 @@ class Trainer:
             self._fire("before_eval_exp", **kwargs)
             accumulator = self.eval_accumulator(self)
             for batch in iterate_batches(self.adapted_dataset, self.eval_mb_size, None, shuffle=False):
-                self.mbatch = move_to(batch, self.device)
+                self.mbatch = move_to(batch, self.device) if self._move else batch
                 self._fire("before_eval_iteration", **kwargs)
                 self._fire("before_eval_forward", **kwargs)
                 self.mb_output = self.forward()

@@ -1,0 +1,107 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from incremental import HistoryLibrary, Plugin, Trainer, seed_everything
+from incremental.models import MLP, GrowingClassifier
+
+
+class BatchSizes(Plugin):
+    def __init__(self, consumes=False):
+        super().__init__()
+        self.consumes_history = consumes
+        self.sizes = []
+        self.history_sizes = []
+
+    def before_forward(self, strategy, **kwargs):
+        self.sizes.append(len(strategy.mb_x))
+        self.history_sizes.append(None if strategy.mb_history is None else len(strategy.mb_history_x))
+
+
+def make_trainer(mem=0, plugins=(), seed=0, growing=False, n_out=10, epochs=1):
+    seed_everything(seed)
+    model = MLP(64, 32, n_out)
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                   train_mb_size=16, train_epochs=epochs, history=HistoryLibrary(mem, seed=seed) if mem else None,
+                   plugins=list(plugins), seed=seed)
+
+
+def test_replay_concatenates_history_into_the_minibatch(digits_tiny):
+    rec = BatchSizes()
+    trainer = make_trainer(mem=40, plugins=[rec])
+    trainer.train(digits_tiny.train_stream[0])
+    assert set(rec.history_sizes) == {None}  # nothing stored before the first experience ends
+    assert len(trainer.history) == 40
+    rec.sizes.clear(), rec.history_sizes.clear()
+    trainer.train(digits_tiny.train_stream[1])
+    assert rec.sizes[0] == 32 and rec.history_sizes[0] == 16
+
+
+def test_history_consumer_gets_the_training_minibatch_alone(digits_tiny):
+    rec = BatchSizes(consumes=True)
+    trainer = make_trainer(mem=40, plugins=[rec])
+    trainer.train(digits_tiny.train_stream[0])
+    trainer.train(digits_tiny.train_stream[1])
+    assert rec.sizes[-2] == 16 and rec.history_sizes[-2] == 16
+
+
+def test_same_seed_same_numbers(digits_tiny):
+    results = []
+    for _ in range(2):
+        trainer = make_trainer(mem=30, seed=7)
+        for exp in digits_tiny.train_stream:
+            trainer.train(exp)
+        results.append(trainer.eval(digits_tiny.test_stream))
+    assert results[0] == results[1]
+
+
+def test_growing_head_keeps_old_rows_and_optimizer_follows(digits_tiny):
+    seed_everything(0)
+    model = MLP(64, 32, n_classes=4)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), train_mb_size=16)
+    trainer.train(digits_tiny.train_stream[0])  # classes 0-3
+    old_w = model.classifier.linear.weight.detach().clone()
+    trainer.train(digits_tiny.train_stream[1])  # classes 4-6: head grows to 7
+    assert model.classifier.n_classes == 7
+    opt_params = trainer.optimizer.param_groups[0]["params"]
+    assert any(p is model.classifier.linear.weight for p in opt_params)
+    # the grown head was trained, and its old rows were copied before training (they moved only by SGD)
+    grown = GrowingClassifier(32, 4)
+    grown.linear.weight.data.copy_(old_w)
+    grown.grow_to(7)
+    assert torch.equal(grown.linear.weight[:4], old_w)
+
+
+def test_grow_to_never_shrinks():
+    head = GrowingClassifier(8, 5)
+    assert head.grow_to(3) is False and head.n_classes == 5
+
+
+def test_state_dict_resume_matches_uninterrupted_training(digits_tiny):
+    full = make_trainer(mem=30, seed=3)
+    for exp in digits_tiny.train_stream:
+        full.train(exp)
+    expected = full.eval(digits_tiny.test_stream)
+
+    first = make_trainer(mem=30, seed=3)
+    first.train(digits_tiny.train_stream[0])
+    state = copy.deepcopy(first.state_dict())
+    torch.manual_seed(12345)  # disturb the global RNG: the checkpoint must restore it
+    resumed = make_trainer(mem=30, seed=99)
+    resumed.load_state_dict(state)
+    for exp in digits_tiny.train_stream[1:]:
+        resumed.train(exp)
+    assert resumed.eval(digits_tiny.test_stream) == expected
+
+
+def test_stop_training_ends_the_epoch(digits_tiny):
+    class StopAfterTwo(Plugin):
+        def after_training_iteration(self, strategy, **kwargs):
+            if strategy.clock.train_epoch_iterations == 1:
+                strategy.stop_training()
+
+    trainer = make_trainer(plugins=[StopAfterTwo()])
+    trainer.train(digits_tiny.train_stream[0])
+    assert trainer.clock.train_iterations == 2
