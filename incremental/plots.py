@@ -66,6 +66,8 @@ def bar_chart(groups: dict[str, dict[str, float]], path: str | Path, ylabel: str
     ax.set_xticklabels(names)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    finite = [v for g in groups.values() for v in g.values() if np.isfinite(v)]
+    ax.set_ylim(0, max(finite + [1e-9]) * 1.15)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(bars), frameon=False)
     fig.tight_layout()
     return save_figure(path, fig, dpi=110)

@@ -64,6 +64,8 @@ def test_run_writes_results_json_and_heatmap(tmp_path, capsys):
     assert len(results["accuracy_matrix"]) == 3 and len(results["accuracy_matrix"][0]) == 3
     assert results["config"]["strategy"]["name"] == "replay"
     assert (out / "accuracy_matrix.png").stat().st_size > 1000
+    from incremental.package import load_model
+    assert load_model(out / "model.pt").class_names == [str(c) for c in range(10)]
     assert "average_accuracy=" in stdout
     # a second run into the same directory refuses to overwrite
     code, _, err = run_cli(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), *TINY], capsys)

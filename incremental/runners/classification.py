@@ -242,6 +242,18 @@ class ClassificationRun:
         }
 
 
+def save_run_package(runner: ClassificationRun, path: Path) -> Path:
+    """The trained model as a deployable package (with its exemplars, for ``incremental update``)."""
+    from ..package import save_model
+    from ..update_classifier import classifier_package_extra
+
+    model = runner.trainer.model
+    n_out = model.classifier.n_classes
+    return save_model(path, model, kind="classifier", architecture=runner.cfg.model.name,
+                      arch_kwargs=model_kwargs(runner.cfg.model, n_out), class_names=[str(c) for c in range(n_out)],
+                      extra=classifier_package_extra(runner.trainer.history))
+
+
 def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = False) -> dict[str, Any]:
     runner = ClassificationRun(cfg, progress=progress)
     start = 0
@@ -255,6 +267,7 @@ def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = Fa
         runner.step(i)
         checkpointer.save(runner, i + 1)
     results = runner.results()
+    results["model_package"] = str(save_run_package(runner, out_dir / "model.pt"))
     accuracy_heatmap(results["accuracy_matrix"], out_dir / "accuracy_matrix.png",
                      title=f"{cfg.strategy.name} on Split Digits (seed {cfg.seed})")
     results["report"] = format_matrix(results["accuracy_matrix"])

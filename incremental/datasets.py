@@ -1,0 +1,94 @@
+"""Reading users' classification data: ImageFolder directories and ``.npz`` arrays.
+
+ImageFolder (one sub-folder per class name) is read with torchvision's ``ImageFolder``; images are
+converted to the model's input (channels, size) and scaled to [0, 1], the way the model was trained.
+Every problem is a :class:`DataError` naming the file and what is wrong with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class LabelledData:
+    x: torch.Tensor  # float32, (N, *input_shape)
+    y: torch.Tensor  # int64 indices into class_names
+    class_names: list[str]
+    source: Path
+
+
+def load_image_folder(path: Path, channels: int, size: tuple[int, int], max_value: float = 1.0) -> LabelledData:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    steps = [transforms.Grayscale(1)] if channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
+    steps += [transforms.Resize(size), transforms.ToTensor()]
+    try:
+        folder = ImageFolder(str(path), transform=transforms.Compose(steps))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"{path}: not an ImageFolder directory ({str(exc).splitlines()[0]})") from None
+    xs, ys = [], []
+    for file, label in folder.samples:
+        try:
+            image = folder.loader(file)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+            raise DataError(f"{file}: cannot be read as an image ({type(exc).__name__}: {exc})") from None
+        xs.append(folder.transform(image) * max_value)
+        ys.append(label)
+    return LabelledData(torch.stack(xs), torch.tensor(ys, dtype=torch.long), list(folder.classes), path)
+
+
+def load_npz(path: Path) -> LabelledData:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    for key in ("x", "y", "class_names"):
+        if key not in data.files:
+            raise DataError(f"{path}: missing array {key!r} (it has {', '.join(data.files) or 'nothing'})")
+    x, y, names = data["x"], data["y"], data["class_names"]
+    if len(x) != len(y):
+        raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+    if names.dtype.kind not in "US":
+        raise DataError(f"{path}: class_names must be strings, got dtype {names.dtype}")
+    if y.dtype.kind not in "iu":
+        raise DataError(f"{path}: y must hold integer class indices, got dtype {y.dtype}")
+    class_names = [str(n) for n in names.tolist()]
+    if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
+        raise DataError(f"{path}: y holds index {int(y.max() if y.max() >= len(class_names) else y.min())}, "
+                        f"outside class_names (0..{len(class_names) - 1})")
+    return LabelledData(torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64)),
+                        class_names, path)
+
+
+def load_classification_data(path: str | Path, channels: int, size: tuple[int, int], max_value: float = 1.0) -> LabelledData:
+    """ImageFolder directory or ``.npz`` file, by what ``path`` is."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data {str(path)!r} does not exist")
+    data = load_npz(path) if path.is_file() else load_image_folder(path, channels, size, max_value)
+    if len(data.y) == 0:
+        raise DataError(f"{path}: contains no samples")
+    dupes = sorted({n for n in data.class_names if data.class_names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{path}: class names appear more than once: {dupes}")
+    return data
+
+
+def save_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str], max_value: float = 16.0) -> None:
+    """Write grayscale images as PNGs in ``root/<class name>/NNNNN.png`` (demo data, tests)."""
+    from PIL import Image
+
+    for i, (img, label) in enumerate(zip(images, labels)):
+        folder = root / class_names[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(np.asarray(img, dtype=np.float64) / max_value * 255.0, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:05d}.png")

@@ -1,0 +1,220 @@
+"""Update a deployed classifier package with new classes, keeping the old ones.
+
+The package's exemplars (the history library saved with it) are rehearsed while the new classes are
+learned, so the old training set is not needed. Old-class rows of the output layer are kept as they
+were and new rows are added. The report measures old-class and new-class accuracy before and after on
+held-out data: a stratified hold-out of the new data, plus ``--old-data`` when given (the only honest
+way to measure old classes when the new data has none of them).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .buffer import HistoryLibrary
+from .data import Experience, TensorSamples
+from .datasets import DataError, LabelledData, load_classification_data
+from .package import ModelPackage, PackageError, save_model
+from .trainer import Trainer, seed_everything
+
+DEFAULT_INPUT = {"channels": 1, "size": [8, 8], "max_value": 1.0, "flat": True}
+
+
+@dataclass
+class UpdateOptions:
+    strategy: str = "replay"
+    epochs: int = 5
+    lr: float = 0.05
+    batch_size: int = 32
+    mem_size: int = 200
+    holdout: float = 0.2
+    seed: int = 0
+    old_data: str | None = None
+    progress: bool = False
+
+
+def input_spec(package: ModelPackage) -> dict[str, Any]:
+    return {**DEFAULT_INPUT, **package.extra.get("input", {})}
+
+
+def to_model_input(data: LabelledData, spec: dict[str, Any]) -> torch.Tensor:
+    """Reshape ``data.x`` to what the model takes; a size mismatch is a clear error."""
+    expected = int(spec["channels"]) * int(spec["size"][0]) * int(spec["size"][1])
+    x = data.x.reshape(len(data.x), -1)
+    if x.shape[1] != expected:
+        raise DataError(f"{data.source}: samples have {x.shape[1]} values, the model takes {expected} "
+                        f"({spec['channels']}x{spec['size'][0]}x{spec['size'][1]})")
+    if spec.get("flat", True):
+        return x
+    return x.view(len(x), int(spec["channels"]), int(spec["size"][0]), int(spec["size"][1]))
+
+
+def map_classes(model_names: list[str], data: LabelledData) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Labels in the model's index space; returns (y, new class names, all class names).
+
+    The same name is the same class. Names that differ only by case or surrounding spaces are a clash
+    (``Cat`` against ``cat``): almost always a labelling mistake that would silently create a second class.
+    """
+    folded = {name.strip().casefold(): name for name in model_names}
+    used = sorted(set(data.y.tolist()))
+    names = list(model_names)
+    index = {name: i for i, name in enumerate(names)}
+    new: list[str] = []
+    for local in used:
+        name = data.class_names[local]
+        if name in index:
+            continue
+        twin = folded.get(name.strip().casefold())
+        if twin is not None:
+            raise DataError(f"{data.source}: class {name!r} clashes with the model's class {twin!r} "
+                            "(same name up to case or spaces); rename one of them")
+        index[name] = len(names)
+        names.append(name)
+        new.append(name)
+    if not new:
+        raise DataError(f"{data.source}: no new class (every class in the data is already one of the model's: "
+                        f"{', '.join(data.class_names[i] for i in used)})")
+    lookup = torch.tensor([index.get(n, -1) for n in data.class_names])
+    return lookup[data.y], new, names
+
+
+def stratified_holdout(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class split: ``fraction`` of each class (at least one sample if it has two) held out."""
+    gen = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for c in sorted(set(y.tolist())):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = int(round(fraction * len(idx)))
+        k = min(max(k, 1 if len(idx) > 1 and fraction > 0 else 0), len(idx) - 1) if len(idx) > 1 else 0
+        held.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
+@torch.no_grad()
+def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    if len(y) == 0:
+        return None
+    model.eval()
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def update(package: ModelPackage, data_path: str | Path, out_dir: Path, options: UpdateOptions) -> dict[str, Any]:
+    """Learn the new classes in ``data_path``; returns the report (files are written by the caller)."""
+    spec = input_spec(package)
+    size = (int(spec["size"][0]), int(spec["size"][1]))
+    data = load_classification_data(data_path, int(spec["channels"]), size, float(spec["max_value"]))
+    y, new_names, all_names = map_classes(package.class_names, data)
+    x = to_model_input(data, spec)
+    n_old = len(package.class_names)
+    old_eval_x, old_eval_y = x[:0], y[:0]
+    if options.old_data:
+        old = load_classification_data(options.old_data, int(spec["channels"]), size, float(spec["max_value"]))
+        unknown = sorted({old.class_names[i] for i in set(old.y.tolist())} - set(package.class_names))
+        if unknown:
+            raise DataError(f"{old.source}: --old-data must hold the model's classes only; unknown: {unknown}")
+        lookup = torch.tensor([package.class_names.index(n) if n in package.class_names else -1 for n in old.class_names])
+        old_eval_x, old_eval_y = to_model_input(old, spec), lookup[old.y]
+    history = None
+    if options.strategy in ("replay", "gradient_mixing"):
+        saved = package.extra.get("history")
+        if not saved or saved.get("samples") is None:
+            raise DataError(f"{package.path}: the package carries no exemplars to rehearse; "
+                            "use --strategy lwf (distillation, no old data needed) or naive")
+        history = HistoryLibrary(options.mem_size, saved.get("policy", "reservoir"), seed=options.seed)
+        history.load_state_dict(saved)
+        history.capacity = options.mem_size
+
+    seed_everything(options.seed)
+    train_idx, held_idx = stratified_holdout(y, options.holdout, options.seed)
+    held_x, held_y = x[held_idx], y[held_idx]
+    is_new_held = held_y >= n_old
+    eval_old_x = torch.cat([old_eval_x, held_x[~is_new_held]])
+    eval_old_y = torch.cat([old_eval_y, held_y[~is_new_held]])
+    eval_new_x, eval_new_y = held_x[is_new_held], held_y[is_new_held]
+
+    model = package.build()
+    before = {"old_accuracy": accuracy_on(model, eval_old_x, eval_old_y),
+              "new_accuracy": accuracy_on(model, eval_new_x, eval_new_y)}
+
+    plugins: list[Any] = []
+    if options.strategy == "lwf":
+        from avalanche.training.plugins import LwFPlugin
+
+        lwf = LwFPlugin(alpha=1.0, temperature=2.0)
+        # The deployed model is the teacher for the classes it knows.
+        lwf.lwf.prev_model = copy.deepcopy(model)
+        lwf.lwf.prev_classes_by_task[0] = set(range(n_old))
+        lwf.lwf.expcount = 1
+        plugins.append(lwf)
+    elif options.strategy == "gradient_mixing":
+        from strategies.gradient_mixing import GradientMixingPlugin
+
+        plugins.append(GradientMixingPlugin())
+    elif options.strategy not in ("replay", "naive"):
+        raise DataError(f"unknown update strategy {options.strategy!r}; known: replay, gradient_mixing, lwf, naive")
+
+    model.train()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=options.lr), nn.CrossEntropyLoss(),
+                      train_mb_size=options.batch_size, train_epochs=options.epochs, plugins=plugins,
+                      history=history, seed=options.seed, progress=options.progress)
+    trainer.classes_seen = set(range(n_old))
+    train_y = y[train_idx]
+    experience = Experience(TensorSamples(x[train_idx], train_y), 0, sorted(set(train_y.tolist())),
+                            previous_classes=list(range(n_old)))
+    trainer.train(experience)
+    after = {"old_accuracy": accuracy_on(trainer.model, eval_old_x, eval_old_y),
+             "new_accuracy": accuracy_on(trainer.model, eval_new_x, eval_new_y)}
+
+    kwargs = {**package.arch_kwargs, "n_classes": len(all_names)}
+    extra = {**package.extra, "input": spec}
+    if history is not None:
+        extra["history"] = history.state_dict()
+    elif "history" in package.extra:
+        extra.pop("history")
+    model_path = save_model(out_dir / "model.pt", trainer.model, kind="classifier", architecture=package.architecture,
+                            arch_kwargs=kwargs, class_names=all_names, extra=extra)
+    return {
+        "model": str(package.path),
+        "data": str(data.source),
+        "updated_model": str(model_path),
+        "strategy": options.strategy,
+        "old_classes": list(package.class_names),
+        "new_classes": new_names,
+        "n_train": int(len(train_idx)),
+        "n_eval_old": int(len(eval_old_y)),
+        "n_eval_new": int(len(eval_new_y)),
+        "before": before,
+        "after": after,
+    }
+
+
+def classifier_package_extra(history: HistoryLibrary | None, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The extras a classifier package carries: input format and the exemplars for later updates."""
+    extra: dict[str, Any] = {"input": {**DEFAULT_INPUT, **(spec or {})}}
+    if history is not None and len(history):
+        extra["history"] = history.state_dict()
+    return extra
+
+
+def format_report(report: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "   n/a" if v is None else f"{100 * v:6.1f}"
+
+    rows = [
+        f"{'':>14} | {'before':>7} {'after':>7}",
+        f"{'old classes':>14} | {pct(report['before']['old_accuracy']):>7} {pct(report['after']['old_accuracy']):>7}",
+        f"{'new classes':>14} | {pct(report['before']['new_accuracy']):>7} {pct(report['after']['new_accuracy']):>7}",
+    ]
+    header = (f"updated {report['model']} with {len(report['new_classes'])} new classes "
+              f"({', '.join(report['new_classes'])}) using {report['strategy']}")
+    if report["n_eval_old"] == 0:
+        rows.append("(no old-class samples to measure: pass --old-data with held-out data of the old classes)")
+    return "\n".join([header, *rows])
+
