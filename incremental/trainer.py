@@ -303,13 +303,19 @@ class Trainer:
             self._fire("before_training_iteration", **kwargs)
 
             self.optimizer.zero_grad()
-            self.loss = self._make_empty_loss()
+            self.loss = empty = self._make_empty_loss()
 
             self._fire("before_forward", **kwargs)
             self.mb_output = self.forward()
             self._fire("after_forward", **kwargs)
 
-            self.loss += self.criterion()
+            # Avalanche computes ``zeros(1) + criterion``; when no plugin touched the empty loss (no
+            # reassignment, no in-place add: the version counter is unchanged) the sum is the criterion
+            # itself, and taking it directly saves an allocation and an autograd node per step.
+            if self.loss is empty and empty._version == 0:
+                self.loss = self.criterion()
+            else:
+                self.loss += self.criterion()
 
             self._fire("before_backward", **kwargs)
             self.backward()
