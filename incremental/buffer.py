@@ -128,6 +128,7 @@ class HistoryLibrary:
         self.policy: StoragePolicy = make_policy(policy) if isinstance(policy, str) else policy
         self.samples: SampleSet | None = None
         self.generator = torch.Generator().manual_seed(int(seed))
+        self.last_global_batch_size = 0  # size before data-parallel sharding of the last batch drawn
 
     def __len__(self) -> int:
         return 0 if self.samples is None else len(self.samples)
@@ -138,17 +139,27 @@ class HistoryLibrary:
             return
         self.samples = self.policy.select(self, new, self.generator, strategy)
 
-    def batches(self, batch_size: int) -> Iterator[Batch]:
-        """Endless history minibatches: one shuffled pass after another over the current contents."""
+    def batches(self, batch_size: int, sharder: Any = None) -> Iterator[Batch]:
+        """Endless history minibatches: one shuffled pass after another over the current contents.
+
+        With a data-parallel ``sharder`` every rank draws the same global minibatch (identical
+        libraries and RNGs on every rank) and keeps its share of it.
+        """
         if not len(self):
             return
         samples = self.samples
         assert samples is not None
         n = len(samples)
+        shard = sharder is not None and sharder.active
+        min_size = sharder.world if shard else 1
         while True:
             order = torch.randperm(n, generator=self.generator)
             for start in range(0, n, batch_size):
-                yield samples.batch(order[start : start + batch_size])
+                idx = order[start : start + batch_size]
+                if len(idx) < min_size:
+                    break
+                self.last_global_batch_size = len(idx)
+                yield samples.batch(sharder.shard(idx) if shard else idx)
 
     def sample(self, batch_size: int) -> Batch | None:
         """One random minibatch (without replacement inside it), or None when empty."""

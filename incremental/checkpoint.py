@@ -54,6 +54,17 @@ class RunCheckpointer:
         return self.dir / f"exp_{n_done:03d}.pt"
 
     def save(self, run: Resumable, n_done: int, extra: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint ``n_done`` (rank 0 only in data-parallel runs; every rank waits for it)."""
+        from . import distributed as dist_utils
+
+        path = self.path(n_done)
+        if dist_utils.is_main_process():
+            self._write(run, n_done, extra)
+        dist_utils.barrier()
+        _maybe_die_for_test(n_done)
+        return path
+
+    def _write(self, run: Resumable, n_done: int, extra: dict[str, Any] | None) -> Path:
         state = {
             "format": CHECKPOINT_FORMAT,
             "config": self.config,
@@ -68,7 +79,6 @@ class RunCheckpointer:
         for old in sorted(self.dir.glob("exp_*.pt"))[: -self.keep]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
-        _maybe_die_for_test(n_done)
         return path
 
     def load_latest(self) -> dict[str, Any] | None:

@@ -47,23 +47,35 @@ def prepare_run(config_path: str, overrides: Sequence[str]) -> tuple[Any, Any, d
 def cmd_run(args: argparse.Namespace) -> int:
     from .io import write_json
 
+    from . import distributed as dist_utils
+
     runner, config, _ = prepare_run(args.config, args.set or [])
     out = Path(args.out)
     results_path = out / "results.json"
     if results_path.exists() and not args.resume and not args.force:
         raise UsageError(f"{results_path} exists; use --resume to continue or --force to overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    if dist_utils.launched_by_torchrun():
+        # torchrun started N copies of this command: join its process group (gloo / NCCL).
+        train_cfg = getattr(config, "train", None)
+        dist_utils.init_distributed(getattr(train_cfg, "device", "auto"))
+    main = dist_utils.is_main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist_utils.barrier()
     start = time.perf_counter()
-    results = runner.run(config, out, progress=_progress_enabled(args.quiet), resume=args.resume)
+    results = runner.run(config, out, progress=_progress_enabled(args.quiet) and main, resume=args.resume)
     report = results.pop("report", None)
     payload = {
         **results,
         "seed": config.seed,
         "wall_time_s": time.perf_counter() - start,
+        "world_size": dist_utils.world_size(),
         "config": dataclasses.asdict(config),
     }
-    write_json(results_path, payload)
-    if not args.quiet:
+    if main:
+        write_json(results_path, payload)
+    dist_utils.shutdown()
+    if not args.quiet and main:
         if report:
             print(report)
         summary = {k: payload[k] for k in ("average_accuracy", "forgetting", "bwt") if k in payload}

@@ -251,14 +251,28 @@ def as_samples(dataset: Any, batch_size: int = 1024) -> SampleSet:
     return result
 
 
+def batch_indices(
+    n: int, batch_size: int, generator: torch.Generator | None, shuffle: bool = True, drop_smaller_than: int = 1
+) -> Iterator[torch.Tensor]:
+    """Index tensors of one pass over ``n`` samples in minibatches (order from ``generator``).
+
+    ``drop_smaller_than``: a trailing minibatch with fewer samples is dropped (with N data-parallel
+    ranks every rank needs at least one sample of each minibatch).
+    """
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < drop_smaller_than:
+            return
+        yield idx
+
+
 def iterate_batches(
     samples: SampleSet, batch_size: int, generator: torch.Generator | None, shuffle: bool = True
 ) -> Iterator[Batch]:
     """One pass over ``samples`` in minibatches (order drawn from ``generator`` when shuffling)."""
-    n = len(samples)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        yield samples.batch(order[start : start + batch_size])
+    for idx in batch_indices(len(samples), batch_size, generator, shuffle):
+        yield samples.batch(idx)
 
 
 def concat_batches(a: Batch, b: Batch) -> Batch:

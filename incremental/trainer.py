@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist_utils
 from .buffer import HistoryLibrary
-from .data import Batch, SampleSet, as_samples, concat_batches, iterate_batches, move_to
+from .data import Batch, SampleSet, as_samples, batch_indices, batch_size_of, concat_batches, move_to
 from .plugins import ALL_CALLBACKS, overrides
 
 
@@ -72,6 +73,13 @@ class ClassificationAccumulator:
             self.loss_sum += float(self.criterion(output, y)) * len(y)
             self.loss_count += len(y)
 
+    def all_reduce(self) -> None:
+        """Sum the counts of every rank, so sharded evaluation reports the single-process numbers."""
+        totals = torch.tensor([self.correct, self.count, self.loss_sum, self.loss_count], dtype=torch.float64)
+        dist_utils.all_reduce_sum_(totals)
+        self.correct, self.count, self.loss_count = int(totals[0]), int(totals[1]), int(totals[3])
+        self.loss_sum = float(totals[2])
+
     def result(self) -> dict[str, float]:
         return {
             "accuracy": self.correct / max(self.count, 1),
@@ -112,6 +120,7 @@ class Trainer:
         shuffle: bool = True,
         progress: bool = False,
         eval_accumulator: Callable[["Trainer"], Any] | None = None,
+        amp: bool = False,
     ) -> None:
         self.device = torch.device(device)
         # Sample sets live on the CPU; moving a CPU batch to the CPU is a no-op we skip per iteration.
@@ -132,6 +141,12 @@ class Trainer:
         self.clock = Clock()
         self.retain_graph = False
         self.classes_seen: set[int] = set()
+        # Data parallelism (no-op in one process): each rank trains on its share of every global
+        # minibatch; see incremental/distributed.py.
+        self.sharder = dist_utils.GlobalBatchSharder()
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self._ddp: nn.Module | None = None
+        self._loss_weight = 1.0
 
         # Strategy attributes plugins read (Avalanche's names).
         self.experience: Any = None
@@ -155,6 +170,9 @@ class Trainer:
             name: [getattr(p, name) for p in self.plugins if overrides(p, name)] for name in ALL_CALLBACKS
         }
         self.consumes_history = any(getattr(p, "consumes_history", False) for p in self.plugins)
+        # A plugin that averages gradients over ranks itself (gradient mixing: one flat all-reduce per
+        # gradient) must not get DDP's all-reduce on top of it.
+        self.plugin_averages_gradients = any(getattr(p, "averages_gradients", False) for p in self.plugins)
 
     def _fire(self, name: str, **kwargs: Any) -> None:
         for callback in self._callbacks[name]:
@@ -191,13 +209,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ overridable steps
     def forward(self) -> Any:
-        return self.model(self.mb_x)
+        module = self._ddp if (self._ddp is not None and self.is_training) else self.model
+        return module(self.mb_x)
 
     def criterion(self) -> torch.Tensor:
         return self._criterion(self.mb_output, self.mb_y)
 
     def backward(self) -> None:
-        self.loss.backward(retain_graph=self.retain_graph)
+        # With uneven shards (an epoch's last minibatch) each rank's mean loss is re-weighted so that
+        # the average over ranks is the mean over the global minibatch.
+        loss = self.loss if self._loss_weight == 1.0 else self.loss * self._loss_weight
+        loss.backward(retain_graph=self.retain_graph)
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
@@ -264,19 +286,34 @@ class Trainer:
         self.classes_seen.update(experience_classes(self.experience, self.adapted_dataset))
         self.model = self.model_adaptation()
         self.make_optimizer()
+        self._wrap_for_data_parallel()
         self._history_iter = (
-            self.history.batches(self.history_mb_size) if self.history is not None and len(self.history) else None
+            self.history.batches(self.history_mb_size, self.sharder) if self.history is not None and len(self.history) else None
         )
         self._fire("before_training_exp", **kwargs)
         self.clock.train_exp_iterations = 0
         self.clock.train_exp_epochs = 0
+
+    def _wrap_for_data_parallel(self) -> None:
+        """DDP around the (possibly grown) model; parameters changed, so wrap anew per experience."""
+        self._ddp = None
+        if not self.sharder.active:
+            return
+        if self.plugin_averages_gradients:
+            for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                dist_utils.broadcast_(tensor.data)  # DDP would do this; start every rank equal
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp = DistributedDataParallel(self.model, device_ids=ids)
 
     def _train_experience(self, **kwargs: Any) -> None:
         epochs = tqdm(
             range(self.train_epochs),
             desc=f"experience {self.experience.current_experience} epochs",
             leave=False,
-            disable=not self.progress,
+            disable=not (self.progress and dist_utils.is_main_process()),
         )
         for _ in epochs:
             self._fire("before_training_epoch", **kwargs)
@@ -289,15 +326,27 @@ class Trainer:
             self.clock.train_exp_epochs += 1
 
     def _train_epoch(self, **kwargs: Any) -> None:
-        self.dataloader = iterate_batches(self.adapted_dataset, self.train_mb_size, self.generator, self.shuffle)
-        for batch in self.dataloader:
+        samples = self.adapted_dataset
+        sharder = self.sharder
+        self.dataloader = batch_indices(len(samples), self.train_mb_size, self.generator, self.shuffle,
+                                        drop_smaller_than=sharder.world)
+        for global_idx in self.dataloader:
             if self._stop_training:
                 break
+            batch = samples.batch(sharder.shard(global_idx) if sharder.active else global_idx)
             self.mb_history = next(self._history_iter) if self._history_iter else None
             if self._move:
                 batch = move_to(batch, self.device)
                 self.mb_history = move_to(self.mb_history, self.device)
-            if self.mb_history is not None and not self.consumes_history:
+            concat = self.mb_history is not None and not self.consumes_history
+            if sharder.active:
+                # rank's share of the samples in this step / its equal share (exact global mean)
+                n_rank, n_global = batch_size_of(batch), len(global_idx)
+                if concat:
+                    n_rank += batch_size_of(self.mb_history)
+                    n_global += self.history.last_global_batch_size
+                self._loss_weight = n_rank * sharder.world / n_global
+            if concat:
                 batch = concat_batches(batch, self.mb_history)
             self.mbatch = batch
             self._fire("before_training_iteration", **kwargs)
@@ -305,17 +354,18 @@ class Trainer:
             self.optimizer.zero_grad()
             self.loss = empty = self._make_empty_loss()
 
-            self._fire("before_forward", **kwargs)
-            self.mb_output = self.forward()
-            self._fire("after_forward", **kwargs)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                self._fire("before_forward", **kwargs)
+                self.mb_output = self.forward()
+                self._fire("after_forward", **kwargs)
 
-            # Avalanche computes ``zeros(1) + criterion``; when no plugin touched the empty loss (no
-            # reassignment, no in-place add: the version counter is unchanged) the sum is the criterion
-            # itself, and taking it directly saves an allocation and an autograd node per step.
-            if self.loss is empty and empty._version == 0:
-                self.loss = self.criterion()
-            else:
-                self.loss += self.criterion()
+                # Avalanche computes ``zeros(1) + criterion``; when no plugin touched the empty loss (no
+                # reassignment, no in-place add: the version counter is unchanged) the sum is the
+                # criterion itself, and taking it directly saves an allocation and an autograd node.
+                if self.loss is empty and empty._version == 0:
+                    self.loss = self.criterion()
+                else:
+                    self.loss += self.criterion()
 
             self._fire("before_backward", **kwargs)
             self.backward()
@@ -359,15 +409,26 @@ class Trainer:
             self._fire("after_eval_dataset_adaptation", **kwargs)
             self._fire("before_eval_exp", **kwargs)
             accumulator = self.eval_accumulator(self)
-            for batch in iterate_batches(self.adapted_dataset, self.eval_mb_size, None, shuffle=False):
+            # Sharded evaluation when the accumulator can sum its counts over ranks; otherwise every
+            # rank evaluates everything (same numbers, more work).
+            shard = self.sharder.active and hasattr(accumulator, "all_reduce")
+            samples = self.adapted_dataset
+            for global_idx in batch_indices(len(samples), self.eval_mb_size, None, shuffle=False):
+                idx = self.sharder.shard(global_idx) if shard else global_idx
+                if len(idx) == 0:
+                    continue
+                batch = samples.batch(idx)
                 self.mbatch = move_to(batch, self.device) if self._move else batch
                 self._fire("before_eval_iteration", **kwargs)
                 self._fire("before_eval_forward", **kwargs)
-                self.mb_output = self.forward()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                    self.mb_output = self.forward()
                 self._fire("after_eval_forward", **kwargs)
                 accumulator.update(self.mb_output, self.mb_y)
                 self._fire("after_eval_iteration", **kwargs)
                 self.clock.total_iterations += 1
+            if shard:
+                accumulator.all_reduce()
             results[int(self.experience.current_experience)] = accumulator.result()
             self._fire("after_eval_exp", **kwargs)
         self._fire("after_eval", **kwargs)

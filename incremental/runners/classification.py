@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..buffer import STORAGE_POLICIES, HistoryLibrary
 from ..config import check
 from ..data import Experience
+from ..distributed import is_main_process, resolve_device
 from ..metrics import format_matrix, summarize
 from ..models import build_model
 from ..plots import accuracy_heatmap
@@ -83,6 +84,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     device: str = "cpu"
     threads: int | None = 1
+    amp: bool = False
 
     def validate(self) -> None:
         check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -90,6 +92,8 @@ class TrainConfig:
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
         check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 or null")
+        check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "train.device",
+              f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass
@@ -188,9 +192,9 @@ class ClassificationRun:
         self.trainer = Trainer(
             self.model, make_optimizer(cfg.train, self.model), torch.nn.CrossEntropyLoss(),
             train_mb_size=cfg.train.batch_size, train_epochs=cfg.train.epochs,
-            eval_mb_size=cfg.train.eval_batch_size, device=cfg.train.device, plugins=plugins,
+            eval_mb_size=cfg.train.eval_batch_size, device=resolve_device(cfg.train.device), plugins=plugins,
             history=history, history_mb_size=cfg.strategy.history_batch_size, seed=cfg.seed,
-            progress=progress,
+            progress=progress, amp=cfg.train.amp,
         )
         self.progress = progress
         self.accuracy_matrix: list[list[float]] = []
@@ -267,8 +271,10 @@ def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = Fa
         runner.step(i)
         checkpointer.save(runner, i + 1)
     results = runner.results()
-    results["model_package"] = str(save_run_package(runner, out_dir / "model.pt"))
-    accuracy_heatmap(results["accuracy_matrix"], out_dir / "accuracy_matrix.png",
-                     title=f"{cfg.strategy.name} on Split Digits (seed {cfg.seed})")
+    results["model_package"] = str(out_dir / "model.pt")
+    if is_main_process():
+        save_run_package(runner, out_dir / "model.pt")
+        accuracy_heatmap(results["accuracy_matrix"], out_dir / "accuracy_matrix.png",
+                         title=f"{cfg.strategy.name} on Split Digits (seed {cfg.seed})")
     results["report"] = format_matrix(results["accuracy_matrix"])
     return results
