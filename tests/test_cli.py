@@ -62,7 +62,8 @@ def test_run_writes_results_json_and_heatmap(tmp_path, capsys):
     for key in ("accuracy_matrix", "average_accuracy", "forgetting", "bwt", "wall_time_s", "seed", "config"):
         assert key in results
     assert len(results["accuracy_matrix"]) == 3 and len(results["accuracy_matrix"][0]) == 3
-    assert results["config"]["strategy"]["name"] == "replay"
+    assert results["config"]["strategy"]["name"] == "gradient_mixing"
+    assert (out / "gradient_mixing_exp0.png").exists() or any(out.glob("gradient_mixing*.png"))
     assert (out / "accuracy_matrix.png").stat().st_size > 1000
     from incremental.package import load_model
     assert load_model(out / "model.pt").class_names == [str(c) for c in range(10)]

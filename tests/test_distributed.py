@@ -43,7 +43,7 @@ def _matrix(out):
     return np.array(json.loads((Path(out) / "results.json").read_text())["accuracy_matrix"])
 
 
-@pytest.mark.parametrize("config", ["split_digits_naive", "split_digits_replay"])
+@pytest.mark.parametrize("config", ["split_digits_naive", "split_digits_replay", "split_digits_gradient_mixing"])
 def test_two_processes_match_one_process(tmp_path, config):
     one = _run(config, tmp_path / "one")
     assert one.returncode == 0, one.stderr[-2000:]

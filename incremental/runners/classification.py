@@ -276,5 +276,10 @@ def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = Fa
         save_run_package(runner, out_dir / "model.pt")
         accuracy_heatmap(results["accuracy_matrix"], out_dir / "accuracy_matrix.png",
                          title=f"{cfg.strategy.name} on Split Digits (seed {cfg.seed})")
+    for plugin in runner.trainer.plugins:  # per-iteration statistics of plugins that keep them
+        if hasattr(plugin, "summary") and hasattr(plugin, "plot_stats"):
+            results["gradient_stats"] = {str(k): v for k, v in plugin.summary().items()}
+            if is_main_process():
+                plugin.plot_stats(out_dir)
     results["report"] = format_matrix(results["accuracy_matrix"])
     return results

@@ -1,0 +1,546 @@
+"""Gradient-similarity mixing against this project's and Avalanche's rehearsal strategies.
+
+One process, one thread, everything side by side:
+
+1. Split Digits (5 experiences of 2 classes), memory 200 and 500, 3 seeds: this project's naive, replay
+   and gradient mixing (every rule, plus the gradient-diversity and class-balanced libraries) against
+   Avalanche's Naive, Replay, AGEM, GSS_greedy, ER_ACE and DER. Same MLP 64-256-10, same data and class
+   order, SGD lr 0.1, 10 epochs (the project's Split Digits configs), batch 32 (history / memory batch
+   32 wherever a strategy has one).
+   Two step-size controls: replay at twice the learning rate (what the ``sum`` rule is: replay averages
+   the concatenated batch, the sum does not) and the default rule at half the learning rate.
+2. digits_transfer, shots 5/10/25/50, memory 200, 3 seeds: fine-tuning (naive), replay and every mixing
+   rule, from the same meta model; accuracy on both scenes before and after adaptation. Adaptation:
+   SGD lr 0.1 for a fixed number of optimizer steps (800 by default) whatever the shots, so that every
+   shots setting gets the same budget (fine-tuning's transfer accuracy has plateaued by then). Also a "ceiling" run: the default rule with the whole general
+   training set as history (no memory limit).
+3. Cost: training time of gradient mixing vs plain replay at equal samples per step (32 training + 32
+   history samples), on the experiences that have a history (1..4), interleaved repetitions, CPU time
+   and wall time; plus the floor any implementation of the method pays (the extra forward/backward
+   alone, no mixing), on the benchmark MLP and on a wider one.
+4. Insertion cost of the ``gradient_diversity`` library (samples/s) against reservoir and
+   class-balanced, for several ``max_comparisons``.
+5. Stale gradients: steps whose gradient differs from the one the step should use, for Avalanche's
+   GSS_greedy and for this plugin (our loop and Avalanche's Naive).
+
+    .venv/bin/python benchmarks/gradient_mixing.py            # default (~10 min on one core)
+    .venv/bin/python benchmarks/gradient_mixing.py --quick    # smoke run (1 seed, 1 shots value, short)
+
+Writes ``benchmarks/results/gradient_mixing.json`` (``gradient_mixing_quick.json`` with ``--quick``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from incremental.buffer import HistoryLibrary  # noqa: E402
+from incremental.config import from_dict  # noqa: E402
+from incremental.io import write_json  # noqa: E402
+from incremental.metrics import summarize  # noqa: E402
+from incremental.models import MLP  # noqa: E402
+from incremental.plugins import Plugin  # noqa: E402
+from incremental.scenarios.digits import split_digits  # noqa: E402
+from incremental.trainer import Trainer  # noqa: E402
+from strategies.gradient_mixing import (  # noqa: E402
+    RULES,
+    GradientDiversityPolicy,
+    GradientMixingPlugin,
+    flatten_grads,
+    mix,
+)
+
+EPOCHS, BATCH, LR = 10, 32, 0.1  # the project's Split Digits configs (trained to convergence)
+COST_EPOCHS = 3  # the cost part measures time per step; fewer epochs suffice
+QUIET = False  # --quiet: no progress lines and no tables on stdout (the JSON has the tables)
+N_EXP = 5
+
+
+def log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+# ==================================================================================================
+# 1. Split Digits
+# ==================================================================================================
+
+def ours_split(name: str, seed: int, mem: int, rule: str = "similarity", policy: str = "reservoir",
+               lr: float | None = None, epochs: int | None = None) -> dict[str, Any]:
+    from incremental.runners.classification import ClassificationRun, Config
+
+    cfg = from_dict(Config, {
+        "seed": seed, "scenario": {"n_experiences": N_EXP},
+        "strategy": {"name": name, "mem_size": mem, "rule": rule, "storage_policy": policy},
+        "train": {"epochs": epochs or EPOCHS, "batch_size": BATCH, "lr": lr or LR, "threads": 1},
+        "model": {"name": "mlp", "hidden_size": 256},
+    })
+    runner = ClassificationRun(cfg)
+    start = time.perf_counter()
+    for i in range(runner.n_experiences):
+        runner.step(i)
+    return {"R": runner.accuracy_matrix, "time_s": time.perf_counter() - start}
+
+
+def avalanche_benchmark(seed: int) -> tuple[Any, Any]:
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset as tensor_dataset
+
+    ours = split_digits(N_EXP, seed=seed)
+    cat = lambda stream: (torch.cat([e.dataset.x for e in stream]), torch.cat([e.dataset.y for e in stream]))  # noqa: E731
+    (x_tr, y_tr), (x_te, y_te) = cat(ours.train_stream), cat(ours.test_stream)
+    bench = class_incremental_benchmark(
+        {"train": tensor_dataset(x_tr, y_tr), "test": tensor_dataset(x_te, y_te)},
+        class_order=ours.class_order, num_classes_per_exp=[len(c) for c in ours.classes_per_experience])
+    return bench, ours
+
+
+@torch.no_grad()
+def accuracy_row(model: nn.Module, test_stream: Sequence[Any]) -> list[float]:
+    was = model.training
+    model.eval()
+    row = [float((model(e.dataset.x).argmax(1) == e.dataset.y).float().mean()) for e in test_stream]
+    model.train(was)
+    return row
+
+
+def avalanche_split(name: str, seed: int, mem: int) -> dict[str, Any]:
+    from avalanche.training import AGEM, DER, ER_ACE, GSS_greedy, Naive, Replay
+    from avalanche.training.plugins import EvaluationPlugin
+
+    bench, ours = avalanche_benchmark(seed)
+    torch.manual_seed(seed)
+    model = MLP(64, 256, 10)
+    common = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                  criterion=nn.CrossEntropyLoss(), train_mb_size=BATCH, train_epochs=EPOCHS, eval_mb_size=512,
+                  evaluator=EvaluationPlugin(loggers=[]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = {
+            "Naive": lambda: Naive(**common),
+            "Replay": lambda: Replay(mem_size=mem, **common),
+            # A-GEM's memory grows by patterns_per_exp per finished experience: with mem // 4 it holds
+            # mem samples while training the last experience, as the fixed-size memories do.
+            "AGEM": lambda: AGEM(patterns_per_exp=mem // (N_EXP - 1), sample_size=BATCH, **common),
+            "GSS_greedy": lambda: GSS_greedy(mem_size=mem, mem_strength=5, input_size=[64], **common),
+            "ER_ACE": lambda: ER_ACE(mem_size=mem, batch_size_mem=BATCH, **common),
+            "DER": lambda: DER(mem_size=mem, batch_size_mem=BATCH, **common),
+        }[name]()
+        start = time.perf_counter()
+        R = []
+        for exp in bench.train_stream:
+            strategy.train(exp)
+            R.append(accuracy_row(model, ours.test_stream))
+    return {"R": R, "time_s": time.perf_counter() - start}
+
+
+def split_digits_part(args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[str, dict[str, Any]] = {}  # label -> {mem -> [per seed]}
+
+    def add(label: str, mem: int, out: dict[str, Any]) -> None:
+        m = summarize(out["R"])
+        runs.setdefault(label, {}).setdefault(str(mem), []).append(
+            {"average_accuracy": m["average_accuracy"], "forgetting": m["forgetting"], "time_s": out["time_s"],
+             "accuracy_matrix": out["R"]})
+
+    rules = list(RULES)
+    for seed in args.seeds:
+        naive, av_naive = ours_split("naive", seed, 200), avalanche_split("Naive", seed, 200)  # no memory
+        for mem in args.mems:
+            add("ours naive (fine-tune)", mem, naive)
+            add("avalanche Naive", mem, av_naive)
+            add("ours replay", mem, ours_split("replay", seed, mem))
+            for rule in rules:
+                add(f"ours gradient mixing: {rule}", mem, ours_split("gradient_mixing", seed, mem, rule=rule))
+            add("ours gradient mixing: similarity + gradient_diversity library", mem,
+                ours_split("gradient_mixing", seed, mem, policy="gradient_diversity"))
+            add("ours gradient mixing: similarity + class_balanced library", mem,
+                ours_split("gradient_mixing", seed, mem, policy="class_balanced"))
+            add("control: ours replay at lr x2", mem, ours_split("replay", seed, mem, lr=2 * LR))
+            add("control: ours similarity at lr /2", mem, ours_split("gradient_mixing", seed, mem, lr=LR / 2))
+            for name in ("Replay", "AGEM", "GSS_greedy", "ER_ACE", "DER"):
+                add(f"avalanche {name}", mem, avalanche_split(name, seed, mem))
+            log(f"  split digits seed {seed} mem {mem} done", args.quiet)
+    table = {}
+    for label, by_mem in runs.items():
+        table[label] = {}
+        for mem, seeds in by_mem.items():
+            acc = [s["average_accuracy"] for s in seeds]
+            fgt = [s["forgetting"] for s in seeds]
+            tim = [s["time_s"] for s in seeds]
+            table[label][mem] = {
+                "average_accuracy_mean": statistics.mean(acc), "average_accuracy_std": _std(acc),
+                "forgetting_mean": statistics.mean(fgt), "forgetting_std": _std(fgt),
+                "time_s_mean": statistics.mean(tim), "per_seed": seeds,
+            }
+    return table
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+REHEARSAL = ("ours replay", "avalanche Replay", "avalanche AGEM", "avalanche GSS_greedy", "avalanche ER_ACE",
+             "avalanche DER")
+
+
+def print_split_table(table: dict[str, Any], mems: Sequence[int]) -> list[str]:
+    lines = ["", f"Split Digits (5 x 2 classes), MLP 64-256-10, SGD lr {LR}, {EPOCHS} epochs, batch 32; mean (std) over "
+                 "seeds; accuracy and forgetting in points",
+             f"{'strategy':62s}" + "".join(f" | mem {m}: avg acc   forgetting   time s" for m in mems)]
+    for label, by_mem in table.items():
+        cells = []
+        for m in mems:
+            r = by_mem.get(str(m))
+            cells.append(f" | {100 * r['average_accuracy_mean']:5.1f} ({100 * r['average_accuracy_std']:3.1f})"
+                         f"  {100 * r['forgetting_mean']:5.1f} ({100 * r['forgetting_std']:3.1f})  {r['time_s_mean']:6.2f}")
+        lines.append(f"{label:62s}" + "".join(cells))
+    log("\n".join(lines), QUIET)
+    return lines
+
+
+# ==================================================================================================
+# 2. digits_transfer
+# ==================================================================================================
+
+def transfer_run(name: str, seed: int, shots: int, mem: int, steps: int, rule: str = "similarity") -> dict[str, Any]:
+    from incremental.runners.transfer import Config, TransferRun
+
+    per_epoch = math.ceil(10 * shots / BATCH)
+    cfg = from_dict(Config, {
+        "seed": seed, "scenario": {"name": "digits_transfer", "shots": shots},
+        "general": {"epochs": 10, "batch_size": BATCH, "lr": 0.1},
+        "strategy": {"name": name, "mem_size": mem, "rule": rule},
+        "train": {"epochs": math.ceil(steps / per_epoch), "batch_size": BATCH, "lr": 0.1, "threads": 1},
+        "model": {"name": "mlp", "hidden_size": 256},
+    })
+    runner = TransferRun(cfg)
+    runner.step(0)
+    start = time.perf_counter()
+    runner.step(1)
+    res = runner.results()
+    return {"general_before": res["general_accuracy"]["before"], "general_after": res["general_accuracy"]["after"],
+            "transfer_before": res["transfer_accuracy"]["before"], "transfer_after": res["transfer_accuracy"]["after"],
+            "adapt_time_s": time.perf_counter() - start}
+
+
+def transfer_part(args: argparse.Namespace) -> dict[str, Any]:
+    strategies: list[tuple[str, str, str, int | None]] = [("fine-tune (naive)", "naive", "similarity", None),
+                                                          ("replay", "replay", "similarity", None)]
+    strategies += [(f"gradient mixing: {r}", "gradient_mixing", r, None) for r in RULES]
+    out: dict[str, Any] = {}
+    for shots in args.shots:
+        rows: dict[str, list[dict[str, Any]]] = {}
+        plan = list(strategies)
+        if shots == 10:
+            plan.append(("ceiling: similarity, whole general set as history", "gradient_mixing", "similarity", 2000))
+        for seed in args.seeds:
+            for label, name, rule, mem in plan:
+                rows.setdefault(label, []).append(
+                    transfer_run(name, seed, shots, mem or args.transfer_mem, args.steps, rule))
+        out[str(shots)] = {label: _mean_rows(r) for label, r in rows.items()}
+        log(f"  digits_transfer shots {shots} done", args.quiet)
+    return out
+
+
+def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = [k for k in rows[0] if k != "per_seed"]
+    mean = {k: statistics.mean(r[k] for r in rows) for k in keys}
+    mean["general_change_std"] = _std([r["general_after"] - r["general_before"] for r in rows])
+    mean["transfer_after_std"] = _std([r["transfer_after"] for r in rows])
+    mean["per_seed"] = rows
+    return mean
+
+
+def print_transfer_table(out: dict[str, Any], steps: int, mem: int) -> list[str]:
+    lines = ["", f"digits_transfer (invert + rot90 + noise 0.2), memory {mem}, {steps} adaptation steps at lr 0.1; "
+                 "mean over seeds (points of accuracy)",
+             f"{'shots':>5s}  {'strategy':52s} | general before -> after (change) | transfer before -> after | adapt s"]
+    for shots, rows in out.items():
+        for label, r in rows.items():
+            change = 100 * (r["general_after"] - r["general_before"])
+            lines.append(f"{shots:>5s}  {label:52s} | {100 * r['general_before']:5.1f} -> {100 * r['general_after']:5.1f}"
+                         f" ({change:+5.1f} +- {100 * r['general_change_std']:3.1f}) | {100 * r['transfer_before']:5.1f} -> "
+                         f"{100 * r['transfer_after']:5.1f} +- {100 * r['transfer_after_std']:3.1f} | {r['adapt_time_s']:6.2f}")
+    log("\n".join(lines), QUIET)
+    return lines
+
+
+# ==================================================================================================
+# 3. Cost against plain replay at equal samples per step
+# ==================================================================================================
+
+class ExtraPassOnly(Plugin):
+    """The floor of the method: the history forward + backward, nothing mixed (gradient discarded)."""
+
+    consumes_history = True
+
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if strategy.mb_history is None:
+            return
+        params = [p for p in strategy.model.parameters() if p.requires_grad]
+        saved = (strategy.mbatch, strategy.mb_output)
+        strategy.mbatch = strategy.mb_history
+        strategy.mb_output = strategy.forward()
+        loss = strategy.criterion()
+        strategy.mbatch, strategy.mb_output = saved
+        torch.autograd.grad(loss, params)
+
+
+def time_training(kind: str, hidden: int, layers: int, digits: Any) -> tuple[float, float]:
+    """(CPU s, wall s) to train experiences 1..4 (the ones with a history) after an untimed experience 0."""
+    torch.manual_seed(0)
+    model = MLP(64, hidden, 10, hidden_layers=layers)
+    plugins: list[Any] = {"replay": [], "mixing": [GradientMixingPlugin("similarity")],
+                          "extra pass only": [ExtraPassOnly()]}[kind]
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.CrossEntropyLoss(), train_mb_size=BATCH,
+                      train_epochs=COST_EPOCHS, plugins=plugins, history=HistoryLibrary(200, "reservoir", seed=0),
+                      seed=0)
+    trainer.train(digits.train_stream[0])
+    cpu, wall = time.process_time(), time.perf_counter()
+    trainer.train(digits.train_stream[1:])
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def cost_part(args: argparse.Namespace) -> dict[str, Any]:
+    digits = split_digits(N_EXP, seed=0)
+    out = {}
+    for hidden, layers in args.cost_models:
+        kinds = ("replay", "mixing", "extra pass only")
+        for kind in kinds:  # warm-up
+            time_training(kind, hidden, layers, digits)
+        samples: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+        for _ in range(args.repeats):
+            for kind in kinds:  # interleaved, so load changes hit all three alike
+                samples[kind].append(time_training(kind, hidden, layers, digits))
+        med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in samples.items()}
+        name = f"MLP 64-{hidden}x{layers}-10"
+        out[name] = {
+            "cpu_s": {k: v[0] for k, v in med.items()}, "wall_s": {k: v[1] for k, v in med.items()},
+            "mixing_over_replay_cpu": med["mixing"][0] / med["replay"][0],
+            "mixing_over_replay_wall": med["mixing"][1] / med["replay"][1],
+            "floor_over_replay_cpu": med["extra pass only"][0] / med["replay"][0],
+            "mixing_over_floor_cpu": med["mixing"][0] / med["extra pass only"][0],
+        }
+        log(f"  cost {name} done", args.quiet)
+    return out
+
+
+def print_cost_table(out: dict[str, Any]) -> list[str]:
+    lines = ["", f"Training time, experiences 1-4 of Split Digits ({COST_EPOCHS} epochs, 32 training + 32 history samples per step), "
+                 "median of interleaved repeats",
+             f"{'model':20s} | replay cpu s | mixing cpu s | extra pass only cpu s | mixing/replay cpu (wall) | "
+             "floor/replay | mixing/floor"]
+    for name, r in out.items():
+        lines.append(f"{name:20s} | {r['cpu_s']['replay']:12.3f} | {r['cpu_s']['mixing']:12.3f} | "
+                     f"{r['cpu_s']['extra pass only']:21.3f} | {r['mixing_over_replay_cpu']:6.2f} "
+                     f"({r['mixing_over_replay_wall']:4.2f})           | {r['floor_over_replay_cpu']:12.2f} | "
+                     f"{r['mixing_over_floor_cpu']:12.2f}")
+    log("\n".join(lines), QUIET)
+    return lines
+
+
+# ==================================================================================================
+# 4. Insertion cost of the gradient-diversity library
+# ==================================================================================================
+
+class _ScoringStrategy:
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self._criterion, self.device = model, nn.CrossEntropyLoss(), torch.device("cpu")
+
+
+def insertion_part(args: argparse.Namespace) -> dict[str, Any]:
+    digits = split_digits(N_EXP, seed=0)
+    total = sum(len(e.dataset) for e in digits.train_stream)
+    out = {}
+    policies: list[tuple[str, Callable[[], Any]]] = [("reservoir", lambda: "reservoir"),
+                                                     ("class_balanced", lambda: "class_balanced")]
+    policies += [(f"gradient_diversity, max_comparisons={k}", lambda k=k: GradientDiversityPolicy(max_comparisons=k))
+                 for k in args.comparisons]
+    for label, make in policies:
+        times = []
+        for _ in range(3):
+            torch.manual_seed(0)
+            strategy = _ScoringStrategy(MLP(64, 256, 10))
+            library = HistoryLibrary(200, make(), seed=0)
+            start = time.perf_counter()
+            for exp in digits.train_stream:
+                library.update(exp.dataset, strategy=strategy)
+            times.append(time.perf_counter() - start)
+        out[label] = {"samples_per_s": total / statistics.median(times), "seconds": statistics.median(times),
+                      "samples": total}
+    return out
+
+
+def print_insertion_table(out: dict[str, Any]) -> list[str]:
+    total = next(iter(out.values()))["samples"] if out else 0
+    lines = ["", f"History library insertion (Split Digits, {total} samples offered to a library of 200, MLP 64-256-10)",
+             f"{'policy':42s} | samples/s | seconds"]
+    for label, r in out.items():
+        lines.append(f"{label:42s} | {r['samples_per_s']:9.0f} | {r['seconds']:7.3f}")
+    log("\n".join(lines), QUIET)
+    return lines
+
+
+# ==================================================================================================
+# 5. Stale gradients
+# ==================================================================================================
+
+class StaleProbe(Plugin):
+    """Counts steps whose .grad (at before_update) differs from the gradient the step should use."""
+
+    def __init__(self, mixing: GradientMixingPlugin | None = None) -> None:
+        super().__init__()
+        self.mixing = mixing
+        self.steps = 0
+        self.stale = 0
+
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self._model = copy.deepcopy(strategy.model)
+        self._batch = [t.clone() for t in strategy.mbatch[:2]]
+
+    def before_update(self, strategy: Any, **kwargs: Any) -> None:
+        params = [p for p in self._model.parameters()]
+        ce = nn.CrossEntropyLoss()
+        loss_t = ce(self._model(self._batch[0]), self._batch[1])
+        expected = flatten_grads(torch.autograd.grad(loss_t, params), params)
+        history = None
+        if self.mixing is not None:
+            history = self.mixing.last_history_batch
+        if history is not None:
+            loss_h = ce(self._model(history[0]), history[1])
+            g_h = flatten_grads(torch.autograd.grad(loss_h, params), params)
+            expected = mix(self.mixing.rule_name, g_h, expected, loss_h, loss_t).grad
+        actual = flatten_grads([p.grad for p in strategy.model.parameters()], list(strategy.model.parameters()))
+        self.steps += 1
+        self.stale += int(not torch.equal(actual, expected))
+
+
+def stale_part(args: argparse.Namespace) -> dict[str, Any]:
+    from avalanche.training import GSS_greedy, Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    bench, ours = avalanche_benchmark(0)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        common = lambda m, plugins: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=LR),  # noqa: E731
+                                         criterion=nn.CrossEntropyLoss(), train_mb_size=BATCH, train_epochs=1,
+                                         plugins=plugins, evaluator=EvaluationPlugin(loggers=[]))
+        torch.manual_seed(0)
+        probe = StaleProbe()
+        model = MLP(64, 256, 10)
+        gss = GSS_greedy(mem_size=200, mem_strength=5, input_size=[64], **common(model, [probe]))
+        for exp in bench.train_stream[:3]:
+            gss.train(exp)
+        out["avalanche GSS_greedy"] = {"stale_steps": probe.stale, "steps": probe.steps}
+        torch.manual_seed(0)
+        model = MLP(64, 256, 10)
+        plugin = GradientMixingPlugin("similarity", mem_size=200)
+        probe = StaleProbe(plugin)
+        naive = Naive(**common(model, [plugin, probe]))
+        for exp in bench.train_stream[:3]:
+            naive.train(exp)
+        out["GradientMixingPlugin in avalanche Naive"] = {"stale_steps": probe.stale, "steps": probe.steps}
+    torch.manual_seed(0)
+    model = MLP(64, 256, 10)
+    plugin = GradientMixingPlugin("similarity")
+    probe = StaleProbe(plugin)
+
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.CrossEntropyLoss(), train_mb_size=BATCH,
+                      train_epochs=1, plugins=[plugin, probe], history=HistoryLibrary(200, "reservoir", seed=0), seed=0)
+    trainer.train(ours.train_stream[:3])
+    out["GradientMixingPlugin in our Trainer"] = {"stale_steps": probe.stale, "steps": probe.steps}
+    return out
+
+
+def print_stale_table(out: dict[str, Any]) -> list[str]:
+    lines = ["", "Stale gradients (Split Digits experiences 0-2, 1 epoch): steps whose gradient at the optimizer step "
+                 "differs from the intended one",
+             f"{'strategy':42s} | stale steps / steps"]
+    for label, r in out.items():
+        lines.append(f"{label:42s} | {r['stale_steps']:5d} / {r['steps']}")
+    log("\n".join(lines), QUIET)
+    return lines
+
+
+# ==================================================================================================
+
+def _hide_avalanche_warnings() -> None:
+    """Drop Avalanche's own deprecation / "no loggers" warnings (its ``deprecated`` decorator resets the
+    warning filters, so only the display hook can silence it); other warnings still show."""
+    show = warnings.showwarning
+
+    def hide(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "avalanche" not in str(filename):
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = hide
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, memory 200, shots 10, short")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--mems", type=int, nargs="+", default=[200, 500])
+    parser.add_argument("--shots", type=int, nargs="+", default=[5, 10, 25, 50])
+    parser.add_argument("--steps", type=int, default=800, help="adaptation steps on the transfer scene")
+    parser.add_argument("--transfer-mem", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=7, help="timing repetitions")
+    parser.add_argument("--comparisons", type=int, nargs="+", default=[5, 10, 50])
+    parser.add_argument("--parts", nargs="+", default=["split", "transfer", "cost", "insertion", "stale"],
+                        choices=["split", "transfer", "cost", "insertion", "stale"])
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gradient_mixing[_quick].json)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    args.cost_models = [(256, 1), (1024, 2)]
+    global EPOCHS, QUIET
+    QUIET = args.quiet
+    if args.quick:
+        EPOCHS = 3
+        args.seeds, args.mems, args.shots, args.steps, args.repeats = [0], [200], [10], 100, 2
+        args.comparisons, args.cost_models = [10], [(256, 1)]
+    torch.set_num_threads(1)
+    _hide_avalanche_warnings()
+    out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
+        "gradient_mixing_quick.json" if args.quick else "gradient_mixing.json")
+
+    results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "quiet")}}
+    lines: list[str] = []
+    start = time.perf_counter()
+    if "split" in args.parts:
+        results["split_digits"] = split_digits_part(args)
+        lines += print_split_table(results["split_digits"], args.mems)
+    if "transfer" in args.parts:
+        results["digits_transfer"] = transfer_part(args)
+        lines += print_transfer_table(results["digits_transfer"], args.steps, args.transfer_mem)
+    if "cost" in args.parts:
+        results["cost"] = cost_part(args)
+        lines += print_cost_table(results["cost"])
+    if "insertion" in args.parts:
+        results["insertion"] = insertion_part(args)
+        lines += print_insertion_table(results["insertion"])
+    if "stale" in args.parts:
+        results["stale_gradients"] = stale_part(args)
+        lines += print_stale_table(results["stale_gradients"])
+    results["total_time_s"] = time.perf_counter() - start
+    results["tables"] = lines
+    write_json(out_path, results)
+    log(f"\ntotal {results['total_time_s']:.0f} s; wrote {out_path}", args.quiet)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""GradientMixingPlugin in this project's loop and in Avalanche's Naive; GradientDiversityPolicy.
+
+The central check: after the plugin's after_backward, every parameter's .grad is exactly the mixed
+gradient computed independently (a copy of the model, two autograd.grad calls, the pure rule), at every
+step. The same probe run on Avalanche's GSS_greedy finds stale gradients (its extra backward passes
+happen after zero_grad and the main backward adds onto them), which shows the probe can fail.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from incremental.buffer import HistoryLibrary, make_policy
+from incremental.data import TensorSamples
+from incremental.models import MLP
+from incremental.plugins import Plugin
+from incremental.scenarios.digits import split_digits
+from incremental.trainer import Trainer
+from strategies.gradient_mixing import (
+    RULES,
+    GradientDiversityPolicy,
+    GradientMixingPlugin,
+    _loop_sample_gradients,
+    flatten_grads,
+    mix,
+    per_sample_gradients,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return split_digits(5, seed=0)
+
+
+def load_example() -> Any:
+    spec = importlib.util.spec_from_file_location("avalanche_gradient_mixing", REPO / "examples" / "avalanche_gradient_mixing.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+class Probe(Plugin):
+    """Snapshots the model and batches before each step and the gradients the optimizer will use."""
+
+    def __init__(self, mixing: GradientMixingPlugin | None = None) -> None:
+        super().__init__()
+        self.mixing = mixing
+        self.records: list[tuple[nn.Module, list[torch.Tensor], Any, list[torch.Tensor | None]]] = []
+
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self._model = copy.deepcopy(strategy.model)
+        self._batch = [t.clone() for t in strategy.mbatch[:2]]
+
+    def before_update(self, strategy: Any, **kwargs: Any) -> None:
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in strategy.model.parameters()]
+        if self.mixing is None:
+            history = None
+        elif hasattr(strategy, "mb_history") and getattr(strategy, "history", None) is not None:
+            history = strategy.mb_history
+        else:
+            history = self.mixing.last_history_batch
+        history = None if history is None else [t.clone() for t in history[:2]]
+        self.records.append((self._model, self._batch, history, grads))
+
+
+def independent_gradient(model: nn.Module, batch: list[torch.Tensor], history: Any, rule: str) -> torch.Tensor:
+    """What the optimizer should see: the rule applied to freshly computed g_h and g_t."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ce = nn.CrossEntropyLoss()
+    loss_t = ce(model(batch[0]), batch[1])
+    g_t = flatten_grads(torch.autograd.grad(loss_t, params, allow_unused=True), params)
+    if history is None:
+        return g_t
+    loss_h = ce(model(history[0]), history[1])
+    g_h = flatten_grads(torch.autograd.grad(loss_h, params, allow_unused=True), params)
+    return mix(rule, g_h, g_t, loss_h, loss_t).grad
+
+
+def actual_gradient(model: nn.Module, grads: list[torch.Tensor | None]) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = [g for g, p in zip(grads, model.parameters()) if p.requires_grad]
+    return flatten_grads(trainable, params)
+
+
+def count_stale(probe: Probe, rule: str) -> tuple[int, int]:
+    """(steps whose gradient differs from the independent one, steps with a history batch)."""
+    stale = mixed = 0
+    for model, batch, history, grads in probe.records:
+        expected = independent_gradient(model, batch, history, rule)
+        if not torch.equal(actual_gradient(model, grads), expected):
+            stale += 1
+        mixed += history is not None
+    return stale, mixed
+
+
+def our_trainer(model: nn.Module, plugins: list[Any], mem: int = 60, **kwargs: Any) -> Trainer:
+    opt = kwargs.pop("optimizer", None) or torch.optim.SGD(model.parameters(), lr=0.05)
+    return Trainer(model, opt, nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1, plugins=plugins,
+                   history=HistoryLibrary(mem, "reservoir", seed=0), seed=0, **kwargs)
+
+
+# ---------------------------------------------------------------- exactness / no stale gradient
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_grad_is_exactly_the_mixed_gradient_in_our_loop(digits, rule: str) -> None:
+    torch.manual_seed(0)
+    model = MLP(64, 32, 10)
+    plugin = GradientMixingPlugin(rule=rule)
+    probe = Probe(plugin)
+    trainer = our_trainer(model, [plugin, probe])
+    trainer.train(digits.train_stream[:2])
+    stale, mixed = count_stale(probe, rule)
+    assert mixed >= 10  # the second experience mixed every step
+    assert stale == 0
+    # the loop handed the plugin the training minibatch alone (history consumed, not concatenated)
+    assert all(len(batch[0]) <= 16 for _, batch, _, _ in probe.records)
+
+
+def test_grad_is_exact_when_the_head_grows(digits) -> None:
+    # growing head: the parameters change between experiences; the plugin must mix the new ones
+    torch.manual_seed(0)
+    model = MLP(64, 32, 2)
+    plugin = GradientMixingPlugin()
+    probe = Probe(plugin)
+    our_trainer(model, [plugin, probe]).train(digits.train_stream[:2])
+    assert model.classifier.n_classes == 4
+    stale, mixed = count_stale(probe, "similarity")
+    assert mixed > 0 and stale == 0
+
+
+def test_grad_is_exact_in_avalanche_naive_and_gss_greedy_is_not(digits) -> None:
+    from avalanche.training import GSS_greedy, Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    bench, _ = load_example().avalanche_split_digits(5, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = MLP(64, 32, 10)
+        plugin = GradientMixingPlugin(rule="similarity", mem_size=60)
+        probe = Probe(plugin)
+        naive = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                      criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1,
+                      plugins=[plugin, probe], evaluator=EvaluationPlugin(loggers=[]))
+        for exp in bench.train_stream[:2]:
+            naive.train(exp)
+        stale, mixed = count_stale(probe, "similarity")
+        assert mixed >= 10 and stale == 0
+        assert len(plugin.library) == 60  # its own library, filled after the first experience
+
+        # Positive control: the same probe on Avalanche's GSS_greedy (no mixing: expected = plain
+        # gradient of the step's loss) finds gradients left over from its extra backward passes.
+        torch.manual_seed(0)
+        model = MLP(64, 32, 10)
+        gss_probe = Probe(None)
+        gss = GSS_greedy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                         criterion=nn.CrossEntropyLoss(), mem_size=60, mem_strength=5, input_size=[64],
+                         train_mb_size=16, train_epochs=1, plugins=[gss_probe], evaluator=EvaluationPlugin(loggers=[]))
+        gss.train(bench.train_stream[0])
+    gss_stale, _ = count_stale(gss_probe, "sum")
+    assert gss_stale >= len(gss_probe.records) // 2, (gss_stale, len(gss_probe.records))
+
+
+def test_empty_library_leaves_the_loop_gradient_alone(digits) -> None:
+    # first experience: no history yet -> the plugin must not touch .grad and records nothing
+    torch.manual_seed(0)
+    model = MLP(64, 32, 10)
+    plugin = GradientMixingPlugin()
+    probe = Probe(plugin)
+    our_trainer(model, [plugin, probe]).train(digits.train_stream[0])
+    assert count_stale(probe, "similarity") == (0, 0)
+    assert plugin.stats == {}
+
+
+class WithUnusedParameters(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP(64, 32, 10)
+        self.unused = nn.Parameter(torch.ones(3))
+        self.frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + 0.0 * self.frozen.sum()
+
+
+def test_parameters_without_gradient_stay_without_gradient(digits) -> None:
+    # SGD with momentum and weight decay would move a parameter whose grad is zeros; None must stay None
+    torch.manual_seed(0)
+    model = WithUnusedParameters()
+    plugin = GradientMixingPlugin()
+    probe = Probe(plugin)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
+    our_trainer(model, [plugin, probe], optimizer=opt).train(digits.train_stream[:2])
+    assert model.unused.grad is None and torch.equal(model.unused.detach(), torch.ones(3))
+    assert model.frozen.grad is None
+    stale, mixed = count_stale(probe, "similarity")
+    assert mixed > 0 and stale == 0
+
+
+# ---------------------------------------------------------------- statistics
+
+def test_statistics_per_iteration_summary_and_plots(digits, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLP(64, 32, 10)
+    plugin = GradientMixingPlugin(rule="similarity")
+    our_trainer(model, [plugin]).train(digits.train_stream[:3])
+    assert sorted(plugin.stats) == [1, 2]  # experience 0 had no history
+    rows = plugin.stats[1]
+    assert len(rows) == len(range(0, len(digits.train_stream[1].dataset), 16))
+    for r in rows:
+        assert set(r) == {"similarity", "w_h", "w_t", "norm_h", "norm_t", "loss_h", "loss_t", "conflict"}
+        assert -1.0 <= r["similarity"] <= 1.0 and r["conflict"] == float(r["similarity"] < 0)
+        assert r["w_t"] == 1.0 and r["w_h"] >= 1.0  # similarity rule
+        # the rule's own formula, from the recorded numbers
+        expected = 1.0 + max(0.0, -r["similarity"]) * r["norm_t"] / r["norm_h"]
+        assert r["w_h"] == pytest.approx(expected, rel=1e-6)
+    summary = plugin.summary()
+    assert summary[1]["iterations"] == len(rows)
+    assert summary[1]["conflict_fraction"] == pytest.approx(sum(r["conflict"] for r in rows) / len(rows))
+    paths = plugin.plot_stats(tmp_path)
+    assert [p.name for p in paths] == ["gradient_mixing_exp1.png", "gradient_mixing_exp2.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_unknown_rule_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown gradient mixing rule 'cosine'.*similarity"):
+        GradientMixingPlugin(rule="cosine")
+
+
+# ---------------------------------------------------------------- gradient diversity policy
+
+class _Strategy:
+    """The two attributes the policy's batched path reads (plus what the loop path needs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._criterion = nn.CrossEntropyLoss()
+        self.device = torch.device("cpu")
+        self.mbatch = None
+        self.mb_output = None
+
+    def forward(self) -> torch.Tensor:
+        return self.model(self.mbatch[0])
+
+    def criterion(self) -> torch.Tensor:
+        return self._criterion(self.mb_output, self.mbatch[1])
+
+
+def test_policy_is_registered_by_name() -> None:
+    assert isinstance(make_policy("gradient_diversity", max_comparisons=3), GradientDiversityPolicy)
+
+
+def test_per_sample_gradients_match_one_backward_per_sample(digits) -> None:
+    torch.manual_seed(0)
+    model = MLP(64, 16, 10)
+    samples = digits.train_stream[0].dataset
+    idx = torch.arange(5)
+    x, y = samples.x[idx], samples.y[idx]
+    batched = per_sample_gradients(model, nn.CrossEntropyLoss(), x, y)
+    params = list(model.parameters())
+    for i in range(5):
+        loss = nn.CrossEntropyLoss()(model(x[i : i + 1]), y[i : i + 1])
+        expected = flatten_grads(torch.autograd.grad(loss, params), params)
+        assert torch.allclose(batched[i], expected, atol=1e-6)
+    # the general (one sample at a time) path gives the same rows and leaves .grad alone
+    looped = _loop_sample_gradients(_Strategy(model), samples, idx)
+    assert torch.allclose(looped, batched, atol=1e-6)
+    assert all(p.grad is None for p in params)
+
+
+def test_scores_agree_batched_sub_chunked_and_one_sample_at_a_time(digits, monkeypatch) -> None:
+    import strategies.gradient_mixing as gm
+
+    torch.manual_seed(0)
+    model = MLP(64, 16, 10)
+    strategy = _Strategy(model)
+    pool = digits.train_stream[0].dataset
+    policy = GradientDiversityPolicy()
+    refs = policy._gradients(strategy, pool, torch.arange(3))
+    assert refs.shape == (3, sum(p.numel() for p in model.parameters()))
+    cand = torch.arange(10, 17)
+    batched = policy._gradients(strategy, pool, cand, refs)
+    monkeypatch.setattr(gm, "ROW_BUDGET", 2 * refs.shape[1])  # two rows per sub-chunk
+    sub_chunked = policy._gradients(strategy, pool, cand, refs)
+    policy._use_loop = True  # the path for non-tensor samples: one gradient in memory at a time
+    looped = policy._gradients(strategy, pool, cand, refs)
+    assert batched.shape == (7,)
+    assert torch.allclose(sub_chunked, batched, atol=1e-6) and torch.allclose(looped, batched, atol=1e-5)
+    expected = gm.max_cosine(gm.per_sample_gradients(model, nn.CrossEntropyLoss(), pool.x[cand], pool.y[cand]), refs)
+    assert torch.allclose(batched, expected, atol=1e-6)
+
+
+def test_policy_fills_keeps_scores_aligned_and_bounds_comparisons(digits, monkeypatch) -> None:
+    import strategies.gradient_mixing as gm
+
+    rows = []
+    real = gm.per_sample_gradients
+
+    def counting(model, criterion, x, y):
+        rows.append(len(x))
+        return real(model, criterion, x, y)
+
+    monkeypatch.setattr(gm, "per_sample_gradients", counting)
+    torch.manual_seed(0)
+    strategy = _Strategy(MLP(64, 16, 10))
+    policy = GradientDiversityPolicy(max_comparisons=4, chunk_size=16)
+    library = HistoryLibrary(40, policy, seed=0)
+    first, second = digits.train_stream[0].dataset, digits.train_stream[1].dataset
+    library.update(first, strategy=strategy)
+    assert len(library) == 40 and len(policy.scores) == 40
+    assert torch.all(policy.scores.abs() <= 1.0)
+    library.update(second, strategy=strategy)
+    assert len(library) == 40 and len(policy.scores) == 40
+    # cost bound: one gradient per candidate + at most max_comparisons per chunk of 16
+    n_new = len(first) + len(second)
+    chunks = -(-len(first) // 16) + -(-len(second) // 16)
+    assert sum(rows) <= n_new + 4 * chunks
+    # the second experience's classes got in
+    assert set(library.samples.labels.tolist()) >= {2, 3}
+
+
+def test_policy_evicts_redundant_samples_first() -> None:
+    # Library of 20 samples: the first 10 have score 0.9 (redundant), the last 10 score -0.5 (unique).
+    # eviction weights: (0.9+0.5)/(1.4+0.01)+0.01 = 1.003 vs 0.01 -> ~99% of evictions hit the first half.
+    torch.manual_seed(0)
+    model = MLP(4, 8, 3)
+    x = torch.randn(60, 4)
+    y = torch.randint(0, 3, (60,))
+    stored = TensorSamples(x[:20], y[:20])
+    policy = GradientDiversityPolicy(max_comparisons=5, chunk_size=8)
+    library = HistoryLibrary(20, policy, seed=0)
+    library.samples = stored
+    policy.scores = torch.tensor([0.9] * 10 + [-0.5] * 10)
+    library.update(TensorSamples(x[20:], y[20:]), strategy=_Strategy(model))
+    kept = {tuple(r.tolist()) for r in library.samples.x}
+    redundant_kept = sum(tuple(r.tolist()) in kept for r in x[:10])
+    unique_kept = sum(tuple(r.tolist()) in kept for r in x[10:20])
+    assert unique_kept >= 9
+    assert redundant_kept < unique_kept
+
+
+def test_policy_is_deterministic_and_checkpointable(digits, tmp_path: Path) -> None:
+    def fill(seed: int) -> HistoryLibrary:
+        torch.manual_seed(0)
+        library = HistoryLibrary(30, GradientDiversityPolicy(max_comparisons=3), seed=seed)
+        strategy = _Strategy(MLP(64, 16, 10))
+        for exp in digits.train_stream[:2]:
+            library.update(exp.dataset, strategy=strategy)
+        return library
+
+    a, b = fill(0), fill(0)
+    assert torch.equal(a.samples.x, b.samples.x) and torch.equal(a.policy.scores, b.policy.scores)
+    path = tmp_path / "lib.pt"
+    torch.save(a.state_dict(), path)
+    state = torch.load(path, weights_only=True)  # plain tensors only
+    c = HistoryLibrary(30, GradientDiversityPolicy(max_comparisons=3), seed=5)
+    c.load_state_dict(state)
+    assert torch.equal(c.samples.x, a.samples.x) and torch.equal(c.policy.scores, a.policy.scores)
+    assert c.policy.seen == a.policy.seen
+
+
+def test_policy_without_strategy_is_a_clear_error(digits) -> None:
+    library = HistoryLibrary(10, GradientDiversityPolicy())
+    with pytest.raises(ValueError, match="gradient_diversity.*strategy"):
+        library.update(digits.train_stream[0].dataset)
+
+
+def test_gradient_diversity_through_the_classification_runner(tmp_path: Path) -> None:
+    from incremental.config import from_dict
+    from incremental.runners.classification import Config, run
+
+    cfg = from_dict(Config, {"scenario": {"n_experiences": 2}, "train": {"epochs": 1},
+                             "strategy": {"name": "gradient_mixing", "storage_policy": "gradient_diversity",
+                                          "max_comparisons": 5, "mem_size": 50}})
+    results = run(cfg, tmp_path)
+    assert len(results["accuracy_matrix"]) == 2
+    assert 0.0 <= results["average_accuracy"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))  # scores went into a checkpoint
+
+
+# ---------------------------------------------------------------- data parallel bookkeeping
+
+def test_sharded_step_averages_both_gradients_before_mixing(digits, monkeypatch) -> None:
+    # Two ranks simulated in one process: this rank's buffer is averaged with a fixed "other rank"
+    # buffer; the mixed gradient must be the rule applied to the averaged g_h and g_t.
+    import incremental.distributed as dist_utils
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def fake_mean(buf: torch.Tensor) -> torch.Tensor:
+        other = torch.full_like(buf, 0.5)
+        captured["local"] = buf.clone()
+        buf.add_(other).div_(2)
+        return buf
+
+    monkeypatch.setattr(dist_utils, "all_reduce_mean_", fake_mean)
+
+    class Sharder:
+        active, world = True, 2
+
+    torch.manual_seed(0)
+    model = MLP(64, 16, 10)
+    trainer = our_trainer(model, [])
+    trainer.sharder = Sharder()
+    trainer._loss_weight = 1.0
+    trainer.history.samples = digits.train_stream[0].dataset.subset(torch.arange(8))
+    trainer.history.last_global_batch_size = 8
+    data = digits.train_stream[1].dataset
+    trainer.mbatch = data.batch(torch.arange(8))
+    trainer.mb_history = trainer.history.samples.batch(torch.arange(4))  # this rank's half of 8
+    trainer.experience = digits.train_stream[1]
+    trainer.mb_output = trainer.forward()
+    trainer.loss = trainer.criterion()
+    trainer.loss.backward()
+    plugin = GradientMixingPlugin(rule="pcgrad")
+    plugin.after_backward(trainer)
+    n = sum(p.numel() for p in model.parameters())
+    local = captured["local"]
+    g_h, g_t = (local[:n] + 0.5) / 2, (local[n : 2 * n] + 0.5) / 2
+    loss_h, loss_t = (local[2 * n] + 0.5) / 2, (local[2 * n + 1] + 0.5) / 2
+    expected = mix("pcgrad", g_h, g_t, loss_h, loss_t).grad
+    assert torch.equal(flatten_grads([p.grad for p in model.parameters()], list(model.parameters())), expected)
+    # this rank holds 4 of the 8 history samples: weight 4 * 2 / 8 = 1, so local g_h is the plain gradient
+    ce = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    plain_h = flatten_grads(torch.autograd.grad(ce(model(trainer.mb_history[0]), trainer.mb_history[1]), params), params)
+    assert torch.allclose(local[:n], plain_h, atol=1e-7)
+
+
+def test_sharded_step_without_history_still_averages_the_loop_gradient(digits, monkeypatch) -> None:
+    # With averages_gradients the loop does not wrap the model in DDP, so in the first experience (no
+    # history yet) the plugin must average the plain gradient over ranks itself.
+    import incremental.distributed as dist_utils
+
+    monkeypatch.setattr(dist_utils, "all_reduce_mean_", lambda buf: buf.add_(torch.full_like(buf, 0.5)).div_(2))
+
+    class Sharder:
+        active, world = True, 2
+
+    torch.manual_seed(0)
+    model = MLP(64, 16, 10)
+    trainer = our_trainer(model, [])
+    trainer.sharder = Sharder()
+    trainer.mbatch = digits.train_stream[0].dataset.batch(torch.arange(8))
+    trainer.mb_history = None
+    trainer.experience = digits.train_stream[0]
+    trainer.mb_output = trainer.forward()
+    trainer.loss = trainer.criterion()
+    trainer.loss.backward()
+    params = list(model.parameters())
+    local = flatten_grads([p.grad for p in params], params).clone()
+    GradientMixingPlugin().after_backward(trainer)
+    assert torch.equal(flatten_grads([p.grad for p in params], params), (local + 0.5) / 2)
+    assert GradientMixingPlugin.averages_gradients  # tells the loop not to add DDP on top
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["split_digits_gradient_mixing", "digits_transfer"])
+def test_two_processes_match_one_process(tmp_path: Path, config: str) -> None:
+    # Real torchrun (gloo, CPU): same numbers as one process (the fast tests above cover the averaging).
+    import json
+    import os
+    import subprocess
+    import sys
+
+    small = ["--quiet", "--set", "train.epochs=2", "--set", "model.hidden_size=32"]
+    if config == "digits_transfer":
+        small += ["--set", "general.epochs=2", "--set", "train.epochs=10"]
+
+    def run(out: Path, nproc: int) -> list:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        done = subprocess.run([*launcher, "-m", "incremental", "run", f"configs/{config}.yaml", "--out", str(out),
+                               *small], cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads((out / "results.json").read_text())["accuracy_matrix"]
+
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    assert torch.allclose(torch.tensor(two), torch.tensor(one), atol=0.01)
+
+
+# ---------------------------------------------------------------- the Avalanche example
+
+def test_avalanche_example_runs_quick(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = load_example().main(["--quick", "--mem-size", "50", "--out", str(tmp_path)])
+    assert len(out["accuracy_matrix"]) == 2
+    assert out["library_size"] == 50
+    assert out["gradient_stats"][1]["iterations"] > 0
+    assert (tmp_path / "gradient_mixing_exp1.png").is_file()

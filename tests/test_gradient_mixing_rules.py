@@ -1,0 +1,257 @@
+"""The mixing rules and the gradient-diversity formulas against numbers computed by hand.
+
+Every expected value is worked out in the comment above it; the code under test is
+strategies/gradient_mixing.py (pure functions only, no model, no loop).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from strategies.gradient_mixing import (
+    RULES,
+    Geometry,
+    assign_flat_grad,
+    eviction_weights,
+    flatten_grads,
+    gradient_geometry,
+    max_cosine,
+    mix,
+    mix_agem,
+    mix_mega,
+    mix_pcgrad,
+    mix_similarity,
+    mix_sum,
+    replacement_probability,
+    weights_similarity,
+)
+
+T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------- geometry
+
+def test_geometry_2d_conflict() -> None:
+    # g_h = (1, 0), g_t = (-1, 1): dot = -1, |g_h|^2 = 1, |g_t|^2 = 2, s = -1 / (1 * sqrt 2) = -0.7071...
+    geo = gradient_geometry(T(1, 0), T(-1, 1))
+    assert (geo.dot, geo.sq_h, geo.sq_t) == (-1.0, 1.0, 2.0)
+    assert geo.similarity == pytest.approx(-1 / math.sqrt(2), abs=1e-15)
+
+
+def test_geometry_zero_gradient_has_similarity_zero_not_nan() -> None:
+    # |g_h| = 0: s would be 0/0; defined as 0 (no direction, no conflict).
+    assert gradient_geometry(T(0, 0, 0), T(1, 2, 3)).similarity == 0.0
+    assert gradient_geometry(T(0, 0), T(0, 0)).similarity == 0.0
+
+
+def test_geometry_identical_and_opposite_are_clamped_to_plus_minus_one() -> None:
+    # (1/3, 1/7, 1/9) with itself: s = 1 exactly even if rounding gives 1 + 1e-16.
+    g = torch.tensor([1 / 3, 1 / 7, 1 / 9], dtype=torch.float32)
+    assert gradient_geometry(g, g).similarity == 1.0
+    assert gradient_geometry(g, -g).similarity == -1.0
+
+
+def test_geometry_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="flat vectors"):
+        gradient_geometry(T(1, 2), T(1, 2, 3))
+
+
+# ---------------------------------------------------------------- 2-D conflicting case, every rule
+# g_h = (1, 0), g_t = (-1, 1); dot = -1, |g_h| = 1, |g_t| = sqrt 2, s = -1/sqrt 2.
+G_H, G_T = T(1, 0), T(-1, 1)
+
+
+def test_sum_2d() -> None:
+    # w_h = w_t = 1: g = (1, 0) + (-1, 1) = (0, 1)
+    m = mix_sum(G_H, G_T)
+    assert (m.w_h, m.w_t) == (1.0, 1.0)
+    assert close(m.grad, T(0, 1))
+
+
+def test_similarity_2d() -> None:
+    # w_h = 1 + max(0, -s)|g_t|/|g_h| = 1 + (1/sqrt 2)(sqrt 2)/1 = 2, w_t = 1
+    # g = 2 (1, 0) + (-1, 1) = (1, 1); g . g_h = 1 = |g_h|^2 > 0 (history loss does not rise)
+    m = mix_similarity(G_H, G_T)
+    assert m.w_h == pytest.approx(2.0, abs=1e-15) and m.w_t == 1.0
+    assert close(m.grad, T(1, 1))
+    assert float(m.grad @ G_H) == pytest.approx(1.0)
+
+
+def test_agem_2d() -> None:
+    # w_h = max(0, -dot)/|g_h|^2 = 1, w_t = 1: g = (1, 0) + (-1, 1) = (0, 1), g . g_h = 0 (projected)
+    m = mix_agem(G_H, G_T)
+    assert (m.w_h, m.w_t) == (1.0, 1.0)
+    assert close(m.grad, T(0, 1))
+    assert float(m.grad @ G_H) == 0.0
+
+
+def test_pcgrad_2d() -> None:
+    # w_h = 1 + 1/|g_h|^2 = 2, w_t = 1 + 1/|g_t|^2 = 1.5
+    # g = 2 (1, 0) + 1.5 (-1, 1) = (0.5, 1.5); g . g_h = 0.5 > 0 and g . g_t = -0.5 + 1.5 = 1 > 0
+    m = mix_pcgrad(G_H, G_T)
+    assert (m.w_h, m.w_t) == (2.0, 1.5)
+    assert close(m.grad, T(0.5, 1.5))
+
+
+def test_mega_2d() -> None:
+    # loss_h = 2, loss_t = 0.5: w_h = 2 / 0.5 = 4, w_t = 1; g = (4, 0) + (-1, 1) = (3, 1)
+    m = mix_mega(G_H, G_T, torch.tensor(2.0), torch.tensor(0.5))
+    assert (m.w_h, m.w_t) == (4.0, 1.0)
+    assert close(m.grad, T(3, 1))
+
+
+def test_mega_with_learned_transfer_batch_steps_on_history_alone() -> None:
+    # loss_t = 1e-4 <= eps = 1e-3: MEGA-I uses w_t = 0, w_h = 1: g = g_h = (1, 0)
+    m = mix_mega(G_H, G_T, 2.0, 1e-4)
+    assert (m.w_h, m.w_t) == (1.0, 0.0)
+    assert close(m.grad, T(1, 0))
+
+
+def test_mega_needs_losses() -> None:
+    with pytest.raises(ValueError, match="mega"):
+        mix_mega(G_H, G_T)
+
+
+# ---------------------------------------------------------------- 3-D conflicting case
+# g_h = (1, 2, 2): |g_h| = 3; g_t = (0, 0, -3): |g_t| = 3; dot = -6; s = -6/9 = -2/3
+G3_H, G3_T = T(1, 2, 2), T(0, 0, -3)
+
+
+def test_similarity_3d() -> None:
+    # w_h = 1 + (2/3)(3/3) = 5/3 -> g = (5/3, 10/3, 10/3) + (0, 0, -3) = (5/3, 10/3, 1/3)
+    # g . g_h = 5/3 + 20/3 + 2/3 = 9 = |g_h|^2
+    m = mix_similarity(G3_H, G3_T)
+    assert m.w_h == pytest.approx(5 / 3, abs=1e-15)
+    assert m.similarity == pytest.approx(-2 / 3, abs=1e-15)
+    assert close(m.grad, T(5 / 3, 10 / 3, 1 / 3))
+    assert float(m.grad @ G3_H) == pytest.approx(9.0)
+
+
+def test_agem_3d() -> None:
+    # w_h = 6/9 = 2/3 -> g = (2/3, 4/3, 4/3) + (0, 0, -3) = (2/3, 4/3, -5/3); g . g_h = 2/3 + 8/3 - 10/3 = 0
+    m = mix_agem(G3_H, G3_T)
+    assert close(m.grad, T(2 / 3, 4 / 3, -5 / 3))
+    assert float(m.grad @ G3_H) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pcgrad_3d() -> None:
+    # w_h = 1 + 6/9 = 5/3, w_t = 1 + 6/9 = 5/3 -> g = (5/3, 10/3, 10/3) + (0, 0, -5) = (5/3, 10/3, -5/3)
+    m = mix_pcgrad(G3_H, G3_T)
+    assert m.w_h == pytest.approx(5 / 3) and m.w_t == pytest.approx(5 / 3)
+    assert close(m.grad, T(5 / 3, 10 / 3, -5 / 3))
+
+
+def test_agreeing_gradients_3d() -> None:
+    # g_h = (1, 2, 2), g_t = (2, 0, 1): dot = 4 > 0, no conflict.
+    # sum, similarity, pcgrad: g = (3, 2, 3); agem: w_h = 0 -> g = g_t = (2, 0, 1)
+    g_h, g_t = T(1, 2, 2), T(2, 0, 1)
+    for rule in (mix_sum, mix_similarity, mix_pcgrad):
+        assert close(rule(g_h, g_t).grad, T(3, 2, 3)), rule.__name__
+    assert close(mix_agem(g_h, g_t).grad, T(2, 0, 1))
+
+
+# ---------------------------------------------------------------- identical, opposite, zero
+
+def test_identical_gradients() -> None:
+    # g_h = g_t = (1, 1): s = 1, every rule but agem sums: (2, 2); agem: (1, 1)
+    g = T(1, 1)
+    for name in ("sum", "similarity", "pcgrad"):
+        assert close(mix(name, g, g).grad, T(2, 2)), name
+    assert close(mix("agem", g, g).grad, T(1, 1))
+
+
+def test_opposite_gradients() -> None:
+    # g_h = (1, 1), g_t = (-1, -1): dot = -2, |g_h|^2 = |g_t|^2 = 2, s = -1
+    # sum: (0, 0); similarity: w_h = 1 + 2/2 = 2 -> (2, 2) - (1, 1) = (1, 1)
+    # agem: w_h = 1 -> (0, 0); pcgrad: w_h = w_t = 2 -> (0, 0)
+    g_h, g_t = T(1, 1), T(-1, -1)
+    assert close(mix_sum(g_h, g_t).grad, T(0, 0))
+    assert close(mix_similarity(g_h, g_t).grad, T(1, 1))
+    assert close(mix_agem(g_h, g_t).grad, T(0, 0))
+    assert close(mix_pcgrad(g_h, g_t).grad, T(0, 0))
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_zero_gradients_give_finite_results(name: str) -> None:
+    # g_h = 0: every rule must return finite weights and g in span(g_t) (no 0/0 anywhere).
+    zero, g_t = T(0, 0, 0), T(1, -2, 3)
+    for g_h, g_tt in ((zero, g_t), (g_t, zero), (zero, zero)):
+        m = mix(name, g_h, g_tt, 1.0, 0.5)
+        assert math.isfinite(m.w_h) and math.isfinite(m.w_t)
+        assert torch.isfinite(m.grad).all()
+    # similarity with g_h = 0: w_h = 1 + 0 = 1, g = g_t exactly
+    if name == "similarity":
+        assert close(mix(name, zero, g_t).grad, g_t)
+
+
+def test_similarity_weights_only_need_the_geometry() -> None:
+    # Geometry(dot=-3, |g_h|^2=2, |g_t|^2=8): w_h = 1 + 3/2 = 2.5 (same as 1 + max(0,-s)|g_t|/|g_h|:
+    # s = -3/4, |g_t|/|g_h| = 2, 1 + 0.75 * 2 = 2.5)
+    assert weights_similarity(Geometry(-3.0, 2.0, 8.0)) == (2.5, 1.0)
+
+
+def test_float32_rules_match_float64() -> None:
+    g = torch.Generator().manual_seed(0)
+    g_h, g_t = torch.randn(1000, generator=g, dtype=torch.float64), torch.randn(1000, generator=g, dtype=torch.float64)
+    for name in RULES:
+        exact = mix(name, g_h, g_t, 1.3, 0.7).grad
+        single = mix(name, g_h.float(), g_t.float(), 1.3, 0.7).grad
+        assert torch.allclose(single.double(), exact, atol=1e-5), name
+
+
+def test_unknown_rule_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown gradient mixing rule 'nope'"):
+        mix("nope", G_H, G_T)
+
+
+# ---------------------------------------------------------------- flat gradients
+
+def test_flatten_and_assign_round_trip_with_none() -> None:
+    # params of shapes (2, 2) and (3,) and (1,): grads [[1,2],[3,4]], None, [9] -> (1,2,3,4,0,0,0,9)
+    params = [torch.zeros(2, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
+    flat = flatten_grads([T(1, 2, 3, 4).view(2, 2), None, T(9)], params)
+    assert close(flat, T(1, 2, 3, 4, 0, 0, 0, 9))
+    assign_flat_grad(params, flat, [True, False, True])
+    assert close(params[0].grad, T(1, 2, 3, 4).view(2, 2))
+    assert params[1].grad is None
+    assert close(params[2].grad, T(9))
+    # views, not copies: one buffer behind every gradient
+    assert params[0].grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------- gradient diversity
+
+def test_max_cosine_by_hand() -> None:
+    # candidates c1 = (1, 0), c2 = (0, 2), c3 = (0, 0); references r1 = (1, 1), r2 = (-1, 0)
+    # c1: cos(c1, r1) = 1/sqrt 2, cos(c1, r2) = -1 -> max 0.7071
+    # c2: cos(c2, r1) = 2/(2 sqrt 2) = 0.7071, cos(c2, r2) = 0 -> 0.7071
+    # c3: zero gradient -> 0
+    c = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    r = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    s = max_cosine(c, r)
+    assert torch.allclose(s, torch.tensor([1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]), atol=1e-7)
+    # no references: nothing to be redundant with -> 0
+    assert torch.equal(max_cosine(c, torch.zeros(0, 2)), torch.zeros(3))
+
+
+def test_eviction_weights_by_hand() -> None:
+    # scores (-0.5, 0.5, 0.0): min -0.5, max 0.5, range + 0.01 = 1.01
+    # (0, 1, 0.5) / 1.01 + 0.01 = (0.01, 0.990099 + 0.01, 0.495050 + 0.01)
+    w = eviction_weights(torch.tensor([-0.5, 0.5, 0.0], dtype=torch.float64))
+    assert torch.allclose(w, T(0.01, 1 / 1.01 + 0.01, 0.5 / 1.01 + 0.01), atol=1e-12)
+    # equal scores: all weights equal the floor (still a valid multinomial)
+    assert torch.allclose(eviction_weights(torch.full((4,), 0.3)), torch.full((4,), 0.01))
+
+
+def test_replacement_probability_by_hand() -> None:
+    # candidate -1 (unique), stored 1 (redundant): (1 + 1) / ((1 - 1) + (1 + 1)) = 1
+    # candidate 0, stored 0: 1 / 2;  candidate 1, stored 0: 1 / (2 + 1) = 1/3
+    # both -1: 0/0 -> 1/2 (no preference)
+    p = replacement_probability(torch.tensor([-1.0, 0.0, 1.0, -1.0]), torch.tensor([1.0, 0.0, 0.0, -1.0]))
+    assert torch.allclose(p, torch.tensor([1.0, 0.5, 1 / 3, 0.5]))
