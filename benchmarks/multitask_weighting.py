@@ -1,0 +1,295 @@
+"""Multi-task loss weighting on SynthFaces: every method, single-task references, fusion and mask ablations.
+
+Trains the same HydraNet on SynthFaces (nine tasks) with every weighting method and seed, plus:
+- single-task networks (same architecture, one head) per task and seed: the references of delta_m%;
+- ``dwa_ema_exp`` with multi-level fusion off (ablation);
+- ``dwa_ema_exp`` with 50% of the labels of every task missing, trained with the masked loss, and the
+  unmasked alternative: dropping every partially labelled image.
+
+Prints one table per question, writes ``benchmarks/results/multitask_weighting.json`` and the weight
+curves of ``dwa_ema_exp`` (seed 0) as a PNG. All runs share one process and one thread, so the time
+per epoch of the methods is compared side by side (ratios to ``equal``; CPU time, which other jobs on
+the machine disturb less than wall time).
+
+    .venv/bin/python benchmarks/multitask_weighting.py            # default, ~10 min on one idle core
+    .venv/bin/python benchmarks/multitask_weighting.py --quick    # smoke run, well under a minute
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from incremental.io import write_json  # noqa: E402
+from incremental.multitask.metrics import delta_m, relative_drop  # noqa: E402
+from incremental.multitask.synthfaces import SYNTHFACES_TASKS  # noqa: E402
+from incremental.multitask.weighting import METHODS  # noqa: E402
+from incremental.runners.multitask import Config, MultiTaskRun, prepare_data, raw_data  # noqa: E402
+
+HIGHER = {t.name: t.higher_is_better for t in SYNTHFACES_TASKS}
+METRIC = {t.name: t.metric for t in SYNTHFACES_TASKS}
+TASKS = [t.name for t in SYNTHFACES_TASKS]
+MAIN = "dwa_ema_exp"
+
+
+def base_config(args: argparse.Namespace, seed: int) -> Config:
+    cfg = Config(seed=seed)
+    cfg.scenario.n_train = args.n_train
+    cfg.scenario.n_test = args.n_test
+    cfg.train.epochs = args.epochs
+    cfg.train.threads = 1
+    return cfg
+
+
+def run_one(cfg: Config, raw: tuple, label: str, verbose: bool) -> dict[str, Any]:
+    data = prepare_data(cfg, *raw, allow_empty_train=True)
+    start = time.perf_counter()
+    runner = MultiTaskRun(cfg, data=data)
+    runner.step(0)
+    res = runner.results()
+    if verbose:
+        print(f"  {label:<34} {time.perf_counter() - start:6.1f}s  "
+              + " ".join(f"{k[:5]}={v:.3f}" for k, v in res["headline"].items()), flush=True)
+    return {
+        "headline": res["headline"],
+        "loss_weights": res["loss_weights"],
+        "weight_history": res["weight_history"],
+        "time_per_epoch_s": res["time_per_epoch_s"],
+        "cpu_time_per_epoch_s": res["cpu_time_per_epoch_s"],
+        "n_train_used": res["data"]["n_train_used"],
+        "plugin": runner.plugin,
+    }
+
+
+def step_costs(cfg0: Config, raw: tuple, methods: list[str], steps: int = 20, rounds: int = 5) -> dict[str, Any]:
+    """CPU time per training step of each method, measured interleaved (round-robin) in the real loop.
+
+    Whole-run epoch times drift with whatever else the machine runs; interleaving short bursts of
+    every method and taking the median per method makes the ratios to ``equal`` comparable.
+    """
+    from incremental.data import Experience
+    from incremental.runners.multitask import MultiTaskData
+
+    data = prepare_data(cfg0, *raw)
+    n = min(len(data.train), 32 * steps)
+    small = MultiTaskData(data.train.subset(torch.arange(n)), data.test.subset(torch.arange(8)), data.tasks, data.report)
+    experience = Experience(small.train, 0, [0])
+    runners = {}
+    for method in methods:
+        cfg = copy.deepcopy(cfg0)
+        cfg.strategy.weighting = method
+        cfg.train.epochs = 1
+        runners[method] = MultiTaskRun(cfg, data=small)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(rounds):
+        for method, runner in runners.items():
+            start = time.process_time()
+            runner.trainer.train(experience)
+            times[method].append((time.process_time() - start) / max(1, -(-n // cfg0.train.batch_size)))
+    med = {m: statistics.median(v) for m, v in times.items()}
+    base = med.get("equal", next(iter(med.values())))
+    return {m: {"cpu_ms_per_step": 1000 * med[m], "ratio_to_equal": med[m] / base} for m in methods}
+
+
+def mean(values: list[float]) -> float:
+    return float(statistics.fmean(values)) if values else float("nan")
+
+
+def std(values: list[float]) -> float:
+    return float(statistics.stdev(values)) if len(values) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 seed, 3 epochs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--n-train", type=int, default=1200)
+    parser.add_argument("--n-test", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--missing", type=float, default=0.5, help="fraction of labels missing per task")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/multitask_weighting[_quick].json)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.n_train, args.n_test, args.epochs = args.seeds[:1], 160, 160, 3
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / "results" / f"multitask_weighting{'_quick' if args.quick else ''}.json")
+    torch.set_num_threads(1)
+    verbose = not args.quiet
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
+
+    cost_methods = [m for m in ("equal", MAIN, "dwa", "uncertainty", "gradnorm") if m in args.methods]
+    costs = step_costs(base_config(args, args.seeds[0]), raw_data(base_config(args, args.seeds[0])), cost_methods,
+                       steps=4 if args.quick else 20, rounds=2 if args.quick else 5)
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    stl: dict[str, dict[int, float]] = {t: {} for t in TASKS}
+    curves_plugin = None
+    for seed in args.seeds:
+        cfg0 = base_config(args, seed)
+        raw = raw_data(cfg0)
+        if verbose:
+            print(f"seed {seed}: {args.n_train} train / {args.n_test} test images, {args.epochs} epochs", flush=True)
+        for task in TASKS:  # single-task references
+            cfg = copy.deepcopy(cfg0)
+            cfg.scenario.train_tasks = [task]
+            cfg.strategy.weighting = "equal"
+            stl[task][seed] = run_one(cfg, raw, f"single-task {task}", verbose)["headline"][task]
+        variants: dict[str, Config] = {}
+        for method in args.methods:
+            cfg = copy.deepcopy(cfg0)
+            cfg.strategy.weighting = method
+            if method == "fixed":  # hand tuning, done once from the labels: 1 / loss of the best constant
+                cfg.strategy.fixed_weights = "inverse_baseline_loss"
+            variants[method] = cfg
+        cfg = copy.deepcopy(cfg0)  # DWA acting on losses brought to one scale (not in METHODS: a probe)
+        cfg.strategy.task_scales = "inverse_baseline_loss"
+        variants[f"{MAIN} on scaled losses"] = cfg
+        cfg = copy.deepcopy(cfg0)
+        cfg.model.fusion = False
+        variants[f"{MAIN} fusion off"] = cfg
+        cfg = copy.deepcopy(cfg0)
+        cfg.scenario.missing_fraction = args.missing
+        variants[f"{MAIN} {args.missing:.0%} missing, masked"] = cfg
+        cfg = copy.deepcopy(cfg)
+        cfg.scenario.label_policy = "drop_partial"
+        variants[f"{MAIN} {args.missing:.0%} missing, drop partial"] = cfg
+        for name, cfg in variants.items():
+            result = run_one(cfg, raw, name, verbose)
+            if name == MAIN and curves_plugin is None:
+                curves_plugin = result["plugin"]
+            result.pop("plugin")
+            runs.setdefault(name, {})[seed] = result
+
+    # ---------------------------------------------------------------- summaries
+    stl_mean = {t: mean(list(stl[t].values())) for t in TASKS}
+    # delta_m of each seed's run against the single-task reference averaged over seeds (one number
+    # per task, as papers report it); a per-seed reference would add the single-task runs' own noise
+    dm_by_seed = {name: {s: delta_m(r["headline"], stl_mean, HIGHER) for s, r in per_seed.items()}
+                  for name, per_seed in runs.items()}
+    summary: dict[str, Any] = {}
+    for name, per_seed in runs.items():
+        dms = list(dm_by_seed[name].values())
+        paired = ([dm_by_seed[name][s] - dm_by_seed["equal"][s] for s in per_seed] if "equal" in dm_by_seed else [])
+        task_means = {t: mean([r["headline"][t] for r in per_seed.values()]) for t in TASKS}
+        drops = {t: 100 * relative_drop(task_means[t], stl_mean[t], HIGHER[t]) for t in TASKS}
+        worst = max(drops, key=drops.get)
+        summary[name] = {
+            "delta_m_mean": mean(dms), "delta_m_std": std(dms), "delta_m_per_seed": dms,
+            "delta_m_minus_equal_mean": mean(paired), "delta_m_minus_equal_std": std(paired),
+            "tasks": task_means, "relative_drop_pct": drops, "worst_task": worst, "worst_drop_pct": drops[worst],
+            "time_per_epoch_s": mean([r["time_per_epoch_s"] for r in per_seed.values()]),
+            "cpu_time_per_epoch_s": mean([r["cpu_time_per_epoch_s"] for r in per_seed.values()]),
+            "final_weights": {t: mean([r["loss_weights"][t] for r in per_seed.values()]) for t in TASKS},
+            "n_train_used": mean([r["n_train_used"] for r in per_seed.values()]),
+        }
+
+    targets: dict[str, Any] = {}
+    if MAIN in summary and "equal" in summary:
+        dm = {m: summary[m]["delta_m_mean"] for m in summary if m in METHODS}
+        rivals = [m for m in ("dwa", "gradnorm", "uncertainty") if m in dm]
+        best_rival = min(rivals, key=dm.get) if rivals else None
+        targets["dwa_ema_exp_beats_equal"] = {"met": dm[MAIN] < dm["equal"], MAIN: dm[MAIN], "equal": dm["equal"]}
+        if best_rival:
+            targets["dwa_ema_exp_at_least_best_rival"] = {"met": dm[MAIN] <= dm[best_rival], MAIN: dm[MAIN],
+                                                          "best_rival": best_rival, "best_rival_delta_m": dm[best_rival]}
+    off = f"{MAIN} fusion off"
+    if MAIN in summary and off in summary:
+        targets["fusion_on_beats_off_on_worst_task"] = {
+            "met": summary[MAIN]["worst_drop_pct"] < summary[off]["worst_drop_pct"],
+            "fusion_on": {"task": summary[MAIN]["worst_task"], "drop_pct": summary[MAIN]["worst_drop_pct"]},
+            "fusion_off": {"task": summary[off]["worst_task"], "drop_pct": summary[off]["worst_drop_pct"]},
+        }
+    masked, dropped = f"{MAIN} {args.missing:.0%} missing, masked", f"{MAIN} {args.missing:.0%} missing, drop partial"
+    if MAIN in summary and masked in summary:
+        def score_ratio(variant: str) -> dict[str, float]:  # 1.0 = as good as full labels
+            full, part = summary[MAIN]["tasks"], summary[variant]["tasks"]
+            return {t: (part[t] / full[t] if HIGHER[t] else full[t] / part[t]) for t in TASKS}
+
+        r_masked, r_dropped = score_ratio(masked), score_ratio(dropped)
+        targets["masked_at_least_95pct_of_full_on_every_task"] = {
+            "met": all(v >= 0.95 for v in r_masked.values()), "ratios": r_masked,
+            "min_task": min(r_masked, key=r_masked.get), "min_ratio": min(r_masked.values()),
+        }
+        targets["drop_partial_does_worse"] = {
+            "met": mean(list(r_dropped.values())) < mean(list(r_masked.values())), "ratios": r_dropped,
+            "mean_ratio_masked": mean(list(r_masked.values())), "mean_ratio_dropped": mean(list(r_dropped.values())),
+            "n_train_used_dropped": summary[dropped]["n_train_used"],
+        }
+    targets["extra_cost_per_step"] = costs
+
+    # ---------------------------------------------------------------- print
+    print()
+    print(f"single-task references (mean over seeds {args.seeds}): "
+          + ", ".join(f"{t} {METRIC[t]}={stl_mean[t]:.4f}" for t in TASKS))
+    print()
+    header = (f"{'variant':<36} {'dm% (lower better)':>19} {'dm - equal (paired)':>20} {'worst task':>24} "
+              f"{'s/epoch':>8} {'cpu s/ep':>8}")
+    print(header)
+    print("-" * len(header))
+    for name, s in summary.items():
+        print(f"{name:<36} {s['delta_m_mean']:>+10.2f} +- {s['delta_m_std']:<5.2f} "
+              f"{s['delta_m_minus_equal_mean']:>+11.2f} +- {s['delta_m_minus_equal_std']:<5.2f} "
+              f"{s['worst_task']:>14} {s['worst_drop_pct']:>+8.1f}% {s['time_per_epoch_s']:>8.2f} {s['cpu_time_per_epoch_s']:>8.2f}")
+    print()
+    print(f"{'variant':<36} " + " ".join(f"{t[:9]:>9}" for t in TASKS))
+    print(f"{'single-task':<36} " + " ".join(f"{stl_mean[t]:>9.4f}" for t in TASKS))
+    for name, s in summary.items():
+        print(f"{name:<36} " + " ".join(f"{s['tasks'][t]:>9.4f}" for t in TASKS))
+    print()
+    for key, value in targets.items():
+        if key == "extra_cost_per_step":
+            print("cost per training step, interleaved, median CPU ms (ratio to equal): "
+                  + ", ".join(f"{m} {v['cpu_ms_per_step']:.1f} (x{v['ratio_to_equal']:.2f})" for m, v in value.items()))
+        else:
+            print(f"target {key}: {'MET' if value['met'] else 'NOT MET'}")
+
+    wall, cpu = time.perf_counter() - wall_start, time.process_time() - cpu_start
+    print(f"\ntotal: {wall:.0f} s wall, {cpu:.0f} s CPU")
+    out = Path(args.out)
+    payload = {
+        "benchmark": "multitask_weighting",
+        "settings": {"seeds": args.seeds, "n_train": args.n_train, "n_test": args.n_test, "epochs": args.epochs,
+                     "missing": args.missing, "quick": args.quick, "threads": 1,
+                     "config": Config().__class__.__name__, "torch": torch.__version__},
+        "metrics": METRIC, "higher_is_better": HIGHER,
+        "single_task": {t: {str(s): v for s, v in stl[t].items()} for t in TASKS},
+        "single_task_mean": stl_mean,
+        "summary": summary,
+        "runs": {name: {str(s): {k: v for k, v in r.items() if k != "weight_history"} for s, r in per_seed.items()}
+                 for name, per_seed in runs.items()},
+        "weight_history": {name: per_seed[min(per_seed)]["weight_history"] for name, per_seed in runs.items()},
+        "targets": targets,
+        "total_wall_s": wall, "total_cpu_s": cpu,
+    }
+    write_json(out, _finite(payload))
+    if curves_plugin is not None and curves_plugin.log:
+        png = out.with_name(out.stem + "_dwa_ema_exp_weights.png")
+        curves_plugin.plot_weights(png, title=f"dwa_ema_exp loss weights per epoch (SynthFaces, seed {args.seeds[0]})")
+        print(f"wrote {png}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
