@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..buffer import STORAGE_POLICIES, HistoryLibrary
 from ..config import check
+from .common import TrainConfig, make_optimizer
 from ..data import Experience
 from ..distributed import is_main_process, resolve_device
 from ..metrics import format_matrix, summarize
@@ -74,29 +75,6 @@ class StrategyConfig:
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 0.05
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    eval_batch_size: int = 512
-    device: str = "cpu"
-    threads: int | None = 1
-    amp: bool = False
-
-    def validate(self) -> None:
-        check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-        check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 or null")
-        check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "train.device",
-              f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-
-
-@dataclass
 class ModelConfig:
     name: Literal["mlp", "convnet"] = "mlp"
     hidden_size: int = 256
@@ -125,12 +103,6 @@ def model_kwargs(cfg: ModelConfig, n_classes: int) -> dict[str, Any]:
     if cfg.name == "mlp":
         return {"input_size": 64, "hidden_size": cfg.hidden_size, "hidden_layers": cfg.hidden_layers, "n_classes": n_classes}
     return {"in_channels": 1, "image_size": 8, "channels": cfg.channels, "n_classes": n_classes}
-
-
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def build_strategy(cfg: StrategyConfig, seed: int) -> tuple[list[Any], HistoryLibrary | None]:

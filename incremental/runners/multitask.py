@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..buffer import HistoryLibrary
+from .common import TrainConfig as CommonTrainConfig, make_optimizer
 from ..config import check
 from ..data import Experience, TensorSamples
 from ..multitask.metrics import MultiTaskAccumulator, headline
@@ -137,23 +138,14 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CommonTrainConfig):
+    """Multi-task defaults: Adam at 3e-3 for 8 epochs (validation is the shared one)."""
+
     epochs: int = 8
-    batch_size: int = 32
     lr: float = 0.003
     optimizer: Literal["sgd", "adam"] = "adam"
     momentum: float = 0.9
-    weight_decay: float = 0.0
     eval_batch_size: int = 256
-    device: str = "cpu"
-    threads: int | None = 1
-
-    def validate(self) -> None:
-        check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-        check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 or null")
 
 
 @dataclass
@@ -268,12 +260,6 @@ def build_model(cfg: Config, tasks: list[TaskSpec]) -> HydraNet:
     m = cfg.model
     return HydraNet(tasks, image_size=cfg.scenario.image_size, channels=m.channels, convs_per_stage=m.convs_per_stage,
                     fusion=m.fusion, fusion_channels=m.fusion_channels, head_hidden=m.head_hidden)
-
-
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def inverse_baseline_weights(tasks: list[TaskSpec], train: TensorSamples) -> dict[str, float]:
