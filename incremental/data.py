@@ -232,21 +232,23 @@ def as_samples(dataset: Any, batch_size: int = 1024) -> SampleSet:
     if cached is not None and cached[0] is dataset:
         return cached[1]
     first = dataset[0]
+    result: SampleSet | None = None
     if _is_tensor_like(first[0]) and (_is_tensor_like(first[1]) or isinstance(first[1], int)):
-        xs, ys, ts = [], [], []
-        collate = getattr(dataset, "collate_fn", None)
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
-            xs.append(batch[0])
-            ys.append(torch.as_tensor(batch[1]) if not isinstance(batch[1], dict) else batch[1])
-            ts.append(torch.as_tensor(batch[-1]) if len(batch) > 2 else torch.zeros(len(batch[0]), dtype=torch.long))
-        y = _cat(ys)
-        result: SampleSet = TensorSamples(torch.cat(xs), y, torch.cat(ts))
-    else:
+        try:
+            result = _stack_dataset(dataset, batch_size)
+        except RuntimeError:  # per-sample shapes differ (detection boxes, panoptic masks): keep a list
+            result = None
+    if result is None:
         samples = [tuple(dataset[i]) for i in range(len(dataset))]
         samples = [(s[0], s[1], int(s[-1]) if len(s) > 2 else 0) for s in samples]
         targets = getattr(dataset, "targets", None)
-        result = ListSamples(samples, torch.as_tensor(list(targets)) if targets is not None else None,
-                             getattr(dataset, "collate_fn", None))
+        labels = None
+        if targets is not None:
+            values = list(targets)
+            if all(isinstance(v, (int, torch.Tensor)) and torch.as_tensor(v).numel() == 1 for v in values):
+                labels = torch.as_tensor([int(v) for v in values])
+        # Avalanche's detection datasets collate into tuples; the loop's batches are [xs, ys, t] lists.
+        result = ListSamples(samples, labels, None)
     _materialized[key] = (dataset, result)
     return result
 
@@ -265,6 +267,17 @@ def batch_indices(
         if len(idx) < drop_smaller_than:
             return
         yield idx
+
+
+def _stack_dataset(dataset: Any, batch_size: int) -> TensorSamples:
+    """Read a dataset of equal-shape tensors once through a DataLoader and stack it."""
+    xs, ys, ts = [], [], []
+    collate = getattr(dataset, "collate_fn", None)
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        xs.append(batch[0])
+        ys.append(torch.as_tensor(batch[1]) if not isinstance(batch[1], dict) else batch[1])
+        ts.append(torch.as_tensor(batch[-1]) if len(batch) > 2 else torch.zeros(len(batch[0]), dtype=torch.long))
+    return TensorSamples(torch.cat(xs), _cat(ys), torch.cat(ts))
 
 
 def iterate_batches(

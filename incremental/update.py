@@ -31,26 +31,28 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data", help="new data: ImageFolder directory or .npz (x, y, class_names) for classifiers; "
                                   "COCO files for detection / panoptic packages")
     p.add_argument("--out", help="output directory for the updated package and the report")
-    p.add_argument("--strategy", default="replay", help="replay (default), gradient_mixing, lwf or naive")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--mem-size", type=int, default=200, help="exemplars kept in the updated package")
-    p.add_argument("--holdout", type=float, default=0.2, help="fraction of the new data held out for the report")
+    # Unset flags stay None: each model family's updater has its own defaults (a detector wants a
+    # smaller learning rate and batch than a digits classifier).
+    p.add_argument("--strategy", help="classifiers: replay (default), gradient_mixing, lwf, naive; "
+                                      "detectors / panoptic: pseudo_distill (default), pseudo_labels, distillation, naive")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--mem-size", type=int, help="exemplars kept in the updated package")
+    p.add_argument("--holdout", type=float, help="fraction of the new data held out for the report (default 0.2)")
     p.add_argument("--old-data", help="held-out data of the old classes, to measure what is kept")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
     p.add_argument("--demo", action="store_true",
                    help="train a digits model on 0-4, then update it with 5-9 (embedded data; --out optional)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_update)
 
 
-def _options(args: argparse.Namespace) -> Any:
-    from .update_classifier import UpdateOptions
-
-    return UpdateOptions(strategy=args.strategy, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                         mem_size=args.mem_size, holdout=args.holdout, seed=args.seed, old_data=args.old_data,
-                         progress=not args.quiet and sys.stderr.isatty())
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The user's choices; None where a flag was not given (the updater's default applies)."""
+    return {"strategy": args.strategy, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+            "mem_size": args.mem_size, "holdout": args.holdout, "seed": args.seed, "old_data": args.old_data,
+            "progress": not args.quiet and sys.stderr.isatty()}
 
 
 def run_update(model_path: str, data_path: str, out_dir: Path, options: Any) -> dict[str, Any]:
@@ -133,9 +135,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out or "runs/update-demo")
     x, y = load_digits_arrays()
-    train_idx, test_idx = stratified_split(y, 0.3, args.seed)
+    seed = args.seed if args.seed is not None else 0
+    train_idx, test_idx = stratified_split(y, 0.3, seed)
     old = y < 5
-    base_path = _train_demo_base(x[train_idx], y[train_idx], out, args.seed, classifier_package_extra)
+    base_path = _train_demo_base(x[train_idx], y[train_idx], out, seed, classifier_package_extra)
     # The new classes arrive as a folder of PNG images, one sub-folder per class name.
     new_idx = train_idx[~old[train_idx]]
     folder = out / "new_digits"
@@ -145,6 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
     old_test = test_idx[old[test_idx]]
     np.savez(out / "old_test.npz", x=x[old_test], y=y[old_test], class_names=np.array([str(c) for c in range(5)]))
     args.old_data = str(out / "old_test.npz")
+    args.seed = args.seed if args.seed is not None else 0
     report = run_update(str(base_path), str(folder), out / "updated", _options(args))
     if not args.quiet:
         print(f"base model (digits 0-4): {base_path}")

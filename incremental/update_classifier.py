@@ -9,7 +9,7 @@ way to measure old classes when the new data has none of them).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,15 @@ class UpdateOptions:
     seed: int = 0
     old_data: str | None = None
     progress: bool = False
+
+    @classmethod
+    def from_any(cls, options: Any) -> "UpdateOptions":
+        """From an ``UpdateOptions``, a mapping or None; missing / None values take the defaults."""
+        if isinstance(options, cls):
+            return options
+        given = dict(options or {})
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in given.items() if k in names and v is not None})
 
 
 def input_spec(package: ModelPackage) -> dict[str, Any]:
@@ -105,8 +114,9 @@ def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | N
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def update(package: ModelPackage, data_path: str | Path, out_dir: Path, options: UpdateOptions) -> dict[str, Any]:
+def update(package: ModelPackage, data_path: str | Path, out_dir: Path, options: Any = None) -> dict[str, Any]:
     """Learn the new classes in ``data_path``; returns the report (files are written by the caller)."""
+    options = UpdateOptions.from_any(options)
     spec = input_spec(package)
     size = (int(spec["size"][0]), int(spec["size"][1]))
     data = load_classification_data(data_path, int(spec["channels"]), size, float(spec["max_value"]))
