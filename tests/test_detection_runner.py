@@ -1,0 +1,63 @@
+"""`incremental run` on detection_scenes: results, resume, config errors (tiny sizes)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from incremental.cli import main
+
+TINY = ["--set", "scenario.image_size=64", "--set", "scenario.general_train=6", "--set", "scenario.general_test=3",
+        "--set", "scenario.transfer_test=3", "--set", "feedback.n_images=4", "--set", "meta.epochs=1",
+        "--set", "adapt.epochs=1", "--set", "adapt.min_steps=1", "--set", "strategy.mem_size=4",
+        "--set", "meta.batch_size=3", "--set", "adapt.batch_size=2", "--set", "model.width=8",
+        "--set", "model.representation_size=32", "--quiet"]
+
+
+def run(out, *extra):
+    return main(["run", "configs/detection_feedback.yaml", "--out", str(out), *TINY, *extra])
+
+
+def test_run_writes_ap_before_after_and_feedback_counts(tmp_path):
+    assert run(tmp_path / "a") == 0
+    r = json.loads((tmp_path / "a" / "results.json").read_text())
+    for key in ("ap_general", "ap_transfer"):
+        for when in ("before", "after"):
+            assert set(r[key][when]) == {"AP", "AP50"}
+    counts = r["feedback_counts"]
+    assert counts["images"] == 4 and sum(counts[c] for c in ("correct", "missed", "false_detection")) == 4
+    assert r["strategy"] == "gradient_mixing" and r["adaptation"]["steps"] == 2
+    assert r["config"]["feedback"]["n_images"] == 4 and r["seed"] == 0
+    assert (tmp_path / "a" / "ap_before_after.png").is_file() and (tmp_path / "a" / "meta_model.pt").is_file()
+    assert r["meta_model_reused"] is False
+    # --resume reuses the meta model; the numbers are the same (same seed, same everything)
+    assert run(tmp_path / "a", "--resume") == 0
+    again = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert again["meta_model_reused"] is True
+    assert again["ap_general"] == r["ap_general"] and again["ap_transfer"] == r["ap_transfer"]
+    assert again["feedback_counts"] == counts
+
+
+@pytest.mark.parametrize("override, message", [
+    ("strategy.name=magic", "strategy.name: must be one of"),
+    ("feedback.confidence=0", "feedback.confidence: must be in (0, 1]"),
+    ("strategy.mem_size=0", "strategy.mem_size: gradient_mixing needs a history library"),
+    ("scenario.image_size=16", "scenario.image_size: must be in [32, 512]"),
+    ("adapt.epochs=0", "adapt.epochs: must be >= 1"),
+    ("feedback.typo=1", "feedback.typo: unknown key"),
+    ("strategy.rule=nope", "strategy.rule: unknown rule 'nope'"),
+])
+def test_bad_configs_exit_2_naming_the_key(tmp_path, capsys, override, message):
+    assert run(tmp_path / "b", "--set", override) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_new_class_variant_splits_old_and_new(tmp_path):
+    code = main(["run", "configs/detection_new_classes.yaml", "--out", str(tmp_path / "nc"), *TINY])
+    assert code == 0
+    r = json.loads((tmp_path / "nc" / "results.json").read_text())
+    assert set(r["ap_transfer"]["after"]) == {"AP", "AP50", "AP_old", "AP50_old", "AP_new", "AP50_new"}
+    assert r["new_classes"] == ["star", "cross"]
+    assert r["feedback_counts"]["images"] == 4 and r["feedback_counts"]["unlabelled_old_class_boxes"] > 0
+    assert set(r["adaptation"]["pseudo_label_distillation"]) == {"pseudo_labels_per_image", "mean_distillation_loss"}
+    assert set(r["per_class"]["transfer"]["after"]) == {"circle", "square", "triangle", "star", "cross"}
