@@ -215,6 +215,7 @@ def merged(path: Path, report: dict[str, Any]) -> dict[str, Any]:
     """``report`` plus the scenarios an earlier run (e.g. another scenario run in parallel) wrote."""
     import json
 
+    report = {**report, "commands": {name: report["command"] for name in report["scenarios"]}}
     if not path.is_file():
         return report
     try:
