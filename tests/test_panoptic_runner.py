@@ -45,6 +45,7 @@ def test_run_writes_pq_after_every_step(tiny_config, tmp_path):
     assert res["step_results"][1]["plugin"]["pseudo_labels_per_image"] >= 0
     assert (tmp_path / "out" / "pq_per_class.png").stat().st_size > 0
     assert (tmp_path / "out" / "samples.png").stat().st_size > 0
+    assert (tmp_path / "out" / "model_step0.pt").is_file() and (tmp_path / "out" / "model.pt").is_file()
 
 
 def test_same_seed_same_numbers_and_resume_continues_identically(tiny_config, tmp_path):

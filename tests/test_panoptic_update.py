@@ -39,7 +39,7 @@ def test_update_learns_new_class_and_writes_a_bigger_package(package, tmp_path):
     assert {s["category_id"] for a in full["annotations"] for s in a["segments_info"]} == {4}  # cross only
     out = tmp_path / "updated"
     assert main(["update", "--model", str(package), "--data", str(data), "--out", str(out), "--epochs", "1",
-                 "--batch-size", "4", "--quiet"]) == 0
+                 "--batch-size", "4", "--strategy", "replay", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["kind"] == "panoptic" and report["new_classes"] == ["cross"]
     assert report["strategy"] == "pseudo_distill"  # the panoptic updater's default (no --strategy given)

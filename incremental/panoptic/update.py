@@ -30,7 +30,7 @@ from .coco import PanopticData, PanopticFormatError, load_coco_panoptic, to_samp
 PANOPTIC_STRATEGIES = ("pseudo_distill", "pseudo_labels", "distillation", "naive")
 _DEFAULTS: dict[str, Any] = {"strategy": "pseudo_distill", "epochs": 10, "lr": 1e-4, "batch_size": 16, "holdout": 0.2,
                              "seed": 0, "old_data": None, "progress": False, "lambda_distill": 1.0, "gamma": 1.0,
-                             "head_lr": None}
+                             "head_lr": 1e-3}
 
 
 def _option(options: Any, name: str) -> Any:

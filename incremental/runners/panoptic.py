@@ -467,6 +467,7 @@ def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = Fa
                   total=runner.n_steps):
         runner.step(i)
         checkpointer.save(runner, i + 1, runner.extra_state())
+        runner.save_package(out_dir / f"model_step{i}.pt")  # the deployed model after each step
     results = runner.results()
     results["model_package"] = str(runner.save_package(out_dir / "model.pt"))
     runner.draw(out_dir, f"{cfg.strategy.name} on {cfg.scenario.name} (seed {cfg.seed})")
