@@ -58,10 +58,10 @@ def fold_probabilities(probs: torch.Tensor, keep_columns: Sequence[int] | torch.
     two models on the old model's terms, so learning the new classes is not penalised.
     """
     keep = torch.as_tensor(keep_columns, dtype=torch.long, device=probs.device)
-    kept = probs.index_select(-1, keep)
-    rest = probs.sum(-1, keepdim=True) - kept.sum(-1, keepdim=True)  # background + unkept columns
     if int(background) in set(keep.tolist()):
         raise ValueError(f"the background column {background} cannot also be kept")
+    kept = probs.index_select(-1, keep)
+    rest = (probs.sum(-1, keepdim=True) - kept.sum(-1, keepdim=True)).clamp(min=0.0)  # background + unkept
     return torch.cat([kept, rest], -1)
 
 

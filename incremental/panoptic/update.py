@@ -89,8 +89,13 @@ def _pq(model: torch.nn.Module, samples: ListSamples | None, names: list[str], t
         acc.update(model(images), targets)
     model.train(was)
     r = acc.result()
+    labels = torch.cat([sample[1]["labels"] for sample in samples.samples]) if len(samples) else torch.zeros(0)
     return {"pq_old": r.get("pq_old"), "pq_new": r.get("pq_new"), "pq_all": r.get("pq_all"),
-            "pq_per_class": r["pq_per_class"]}
+            "pq_per_class": r["pq_per_class"],
+            # segments of each group in the ground truth: with none, that group's PQ counts only false
+            # positives (e.g. old classes on new-class-only data, where old objects are unlabelled)
+            "n_old_segments": int(sum(int((labels == c).sum()) for c in old)),
+            "n_new_segments": int(sum(int((labels == c).sum()) for c in new))}
 
 
 def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = None) -> dict[str, Any]:
@@ -243,6 +248,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         if b is None:
             continue
         for key, cls in (("pq_old", "old classes"), ("pq_new", "new classes")):
+            if not (a or b).get(f"n_{key[3:]}_segments", 1):
+                continue  # no ground truth of these classes there: their PQ would count false positives only
             if b.get(key) is not None or a.get(key) is not None:
                 lines.append(f"{label + ', ' + cls:<34}{f(b.get(key)):>10}{f(a.get(key)):>10}")
     if report["before"]["on_old_data"] is None:
