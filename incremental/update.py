@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .io import write_json
 from .package import PackageError, load_model
@@ -46,6 +46,12 @@ def add_parser(sub: Any) -> None:
                    help="train a digits model on 0-4, then update it with 5-9 (embedded data; --out optional)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_update)
+
+
+def option_value(options: Any, name: str, defaults: dict[str, Any]) -> Any:
+    """An updater's option: the user's value from a mapping or an attribute, else ``defaults[name]``."""
+    value = options.get(name) if isinstance(options, Mapping) else getattr(options, name, None)
+    return defaults[name] if value is None else value
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

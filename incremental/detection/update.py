@@ -30,6 +30,7 @@ import torch
 
 from ..data import Experience, ListSamples
 from ..trainer import seed_everything
+from ..update import option_value
 from .coco import CocoFormatError, DetectionData, load_coco_detection, load_json
 
 DETECTOR_STRATEGIES = ("pseudo_distill", "pseudo_labels", "distillation", "naive", "replay")
@@ -39,11 +40,7 @@ _DEFAULTS: dict[str, Any] = {"strategy": "pseudo_distill", "epochs": 10, "lr": 0
 
 
 def _option(options: Any, name: str) -> Any:
-    if isinstance(options, Mapping):
-        value = options.get(name)
-    else:
-        value = getattr(options, name, None)
-    return _DEFAULTS[name] if value is None else value
+    return option_value(options, name, _DEFAULTS)
 
 
 def resolve_data(data_path: str | Path) -> tuple[Path, Path]:

@@ -25,6 +25,7 @@ import torch
 from ..data import Experience, ListSamples
 from ..datasets import DataError
 from ..trainer import seed_everything
+from ..update import option_value
 from .coco import PanopticData, PanopticFormatError, load_coco_panoptic, to_samples
 
 PANOPTIC_STRATEGIES = ("pseudo_distill", "pseudo_labels", "distillation", "naive")
@@ -34,8 +35,7 @@ _DEFAULTS: dict[str, Any] = {"strategy": "pseudo_distill", "epochs": 10, "lr": 1
 
 
 def _option(options: Any, name: str) -> Any:
-    value = options.get(name) if isinstance(options, Mapping) else getattr(options, name, None)
-    return _DEFAULTS[name] if value is None else value
+    return option_value(options, name, _DEFAULTS)
 
 
 def resolve_data(data_path: str | Path) -> Path:
