@@ -59,9 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         train_cfg = getattr(config, "train", None)
         dist_utils.init_distributed(getattr(train_cfg, "device", "auto"))
     main = dist_utils.is_main_process()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist_utils.barrier()
+    # The output folder is made by the first file written into it: a run refused while its data and
+    # model are built (bad data, a class order the data lack) leaves nothing behind.
     start = time.perf_counter()
     results = runner.run(config, out, progress=_progress_enabled(args.quiet) and main, resume=args.resume)
     report = results.pop("report", None)
@@ -119,6 +118,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a DataError may arrive wrapped by a DataLoader worker
+        from .datasets import DataError
+
+        if isinstance(exc, DataError):
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        raise
+
+
+def one_line(exc: BaseException) -> str:
+    """The user-facing line of an error. A DataLoader re-raises a worker's exception with the worker's
+    traceback in its message; the original message is its last line."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    last = lines[-1]
+    return last.split(": ", 1)[1] if last.startswith(("incremental.", "DataError")) and ": " in last else last
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -46,25 +46,41 @@ def load_image_folder(path: Path, channels: int, size: tuple[int, int], max_valu
     return LabelledData(torch.stack(xs), torch.tensor(ys, dtype=torch.long), list(folder.classes), path)
 
 
-def load_npz(path: Path) -> LabelledData:
+def read_npz_arrays(path: Path, require_class_names: bool = True) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """``x``, ``y`` (integer class indices) and ``class_names`` of an ``.npz`` file, checked.
+
+    Pickled object arrays are refused (``allow_pickle=False``): loading never runs code from the file.
+    """
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    for key in ("x", "y", "class_names"):
+    required = ("x", "y", "class_names") if require_class_names else ("x", "y")
+    for key in required:
         if key not in data.files:
             raise DataError(f"{path}: missing array {key!r} (it has {', '.join(data.files) or 'nothing'})")
-    x, y, names = data["x"], data["y"], data["class_names"]
+    x, y = data["x"], data["y"]
     if len(x) != len(y):
         raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
-    if names.dtype.kind not in "US":
-        raise DataError(f"{path}: class_names must be strings, got dtype {names.dtype}")
     if y.dtype.kind not in "iu":
         raise DataError(f"{path}: y must hold integer class indices, got dtype {y.dtype}")
-    class_names = [str(n) for n in names.tolist()]
-    if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
-        raise DataError(f"{path}: y holds index {int(y.max() if y.max() >= len(class_names) else y.min())}, "
-                        f"outside class_names (0..{len(class_names) - 1})")
+    class_names = None
+    if "class_names" in data.files:
+        names = data["class_names"]
+        if names.dtype.kind not in "US":
+            raise DataError(f"{path}: class_names must be strings, got dtype {names.dtype}")
+        class_names = [str(n) for n in names.tolist()]
+        if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
+            raise DataError(f"{path}: y holds index {int(y.max() if y.max() >= len(class_names) else y.min())}, "
+                            f"outside class_names (0..{len(class_names) - 1})")
+    elif len(y) and y.min() < 0:
+        raise DataError(f"{path}: y holds the negative class index {int(y.min())}")
+    return x, y, class_names
+
+
+def load_npz(path: Path) -> LabelledData:
+    x, y, class_names = read_npz_arrays(path)
+    assert class_names is not None
     return LabelledData(torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64)),
                         class_names, path)
 

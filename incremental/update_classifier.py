@@ -209,7 +209,7 @@ def classifier_package_extra(history: HistoryLibrary | None, spec: dict[str, Any
     """The extras a classifier package carries: input format and the exemplars for later updates."""
     extra: dict[str, Any] = {"input": {**DEFAULT_INPUT, **(spec or {})}}
     if history is not None and len(history):
-        extra["history"] = history.state_dict()
+        extra["history"] = history.export_state()
     return extra
 
 

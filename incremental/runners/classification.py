@@ -1,4 +1,6 @@
-"""Class-incremental classification runs (Split Digits): build, train, evaluate, report.
+"""Class-incremental classification runs: users' data (``class_incremental``) and the named
+benchmarks (``split_digits``, ``split_mnist``, ``split_fashion_mnist``, ``split_cifar10``,
+``split_cifar100``): build, train, evaluate, report.
 
 Strategies by name (``strategy.name``):
 - ``naive``: fine-tune on each experience (the lower bound);
@@ -21,34 +23,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..buffer import STORAGE_POLICIES, HistoryLibrary
-from ..config import check
+from ..config import ConfigError, check
 from .common import TrainConfig, make_optimizer
 from ..data import Experience
 from ..distributed import is_main_process, resolve_device
 from ..metrics import format_matrix, summarize
-from ..models import build_model
+from ..models import MODELS, TORCHVISION_PREFIX, build_model
+from ..models import model_kwargs as architecture_kwargs
 from ..plots import accuracy_heatmap
-from ..scenarios.digits import split_digits
+from ..scenarios.class_incremental import PRESETS, DataConfig, ScenarioConfig, build_benchmark
 from ..trainer import Trainer, seed_everything
 
 STRATEGIES = ("naive", "replay", "gradient_mixing", "lwf", "ewc", "cumulative", "joint")
-
-
-@dataclass
-class ScenarioConfig:
-    name: str = "split_digits"
-    n_experiences: int = 5
-    class_order: list[int] | None = None
-    shuffle_classes: bool = False
-    test_fraction: float = 0.3
-
-    def validate(self) -> None:
-        check(1 <= self.n_experiences <= 10, "scenario.n_experiences",
-              f"must be between 1 and the number of classes (10), got {self.n_experiences}")
-        if self.class_order is not None:
-            check(sorted(self.class_order) == list(range(10)), "scenario.class_order",
-                  f"must be a permutation of 0..9, got {self.class_order}")
-        check(0.0 < self.test_fraction < 1.0, "scenario.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
 
 
 @dataclass
@@ -76,33 +62,45 @@ class StrategyConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp", "convnet"] = "mlp"
+    """``model.name``: ``mlp`` (``hidden_layers`` x ``hidden_size``), ``convnet``, ``resnet18_reduced``
+    or ``torchvision:<name>`` (``weights``: a local state dict for its backbone)."""
+
+    name: str = "mlp"
     hidden_size: int = 256
     hidden_layers: int = 1
     channels: int = 32
     growing_head: bool = False
+    weights: str | None = None
 
     def validate(self) -> None:
+        check(self.name in MODELS or self.name.startswith(TORCHVISION_PREFIX), "model.name",
+              f"unknown model {self.name!r}; known: {', '.join(MODELS)}, torchvision:<name>")
         check(self.hidden_size >= 1, "model.hidden_size", "must be >= 1")
         check(self.hidden_layers >= 1, "model.hidden_layers", "must be >= 1")
+        check(self.weights is None or self.name.startswith(TORCHVISION_PREFIX), "model.weights",
+              "only torchvision:<name> models load a backbone state dict")
 
 
 @dataclass
 class Config:
     seed: int = 0
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
-        check(self.scenario.name == "split_digits", "scenario.name", "this runner handles split_digits")
+        check(self.scenario.name in PRESETS, "scenario.name", f"this runner handles {', '.join(PRESETS)}")
 
 
-def model_kwargs(cfg: ModelConfig, n_classes: int) -> dict[str, Any]:
-    if cfg.name == "mlp":
-        return {"input_size": 64, "hidden_size": cfg.hidden_size, "hidden_layers": cfg.hidden_layers, "n_classes": n_classes}
-    return {"in_channels": 1, "image_size": 8, "channels": cfg.channels, "n_classes": n_classes}
+def model_kwargs(cfg: ModelConfig, n_classes: int, input_shape: tuple[int, ...] = (64,)) -> dict[str, Any]:
+    """Constructor arguments of the configured model for inputs of ``input_shape``."""
+    try:
+        return architecture_kwargs(cfg.name, input_shape, n_classes, hidden_size=cfg.hidden_size,
+                                   hidden_layers=cfg.hidden_layers, channels=cfg.channels, weights=cfg.weights)
+    except ValueError as exc:
+        raise ConfigError("", str(exc)) from None
 
 
 def build_strategy(cfg: StrategyConfig, seed: int) -> tuple[list[Any], HistoryLibrary | None]:
@@ -154,11 +152,10 @@ class ClassificationRun:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.seed)
-        s = cfg.scenario
-        self.benchmark = split_digits(s.n_experiences, s.class_order, s.shuffle_classes, s.test_fraction, cfg.seed)
+        self.benchmark = build_benchmark(cfg.scenario, cfg.data, cfg.seed)
         first = self.benchmark.train_stream[0].classes_in_this_experience
         n_out = (max(first) + 1) if cfg.model.growing_head else self.benchmark.n_classes
-        self.model = build_model(cfg.model.name, **model_kwargs(cfg.model, n_out))
+        self.model = self._build_model(n_out)
         self.initial_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         plugins, history = build_strategy(cfg.strategy, cfg.seed)
         self.trainer = Trainer(
@@ -166,11 +163,20 @@ class ClassificationRun:
             train_mb_size=cfg.train.batch_size, train_epochs=cfg.train.epochs,
             eval_mb_size=cfg.train.eval_batch_size, device=resolve_device(cfg.train.device), plugins=plugins,
             history=history, history_mb_size=cfg.strategy.history_batch_size, seed=cfg.seed,
-            progress=progress, amp=cfg.train.amp,
+            progress=progress, amp=cfg.train.amp, num_workers=cfg.train.num_workers,
         )
         self.progress = progress
         self.accuracy_matrix: list[list[float]] = []
         self.train_time_s = 0.0
+
+    def _build_model(self, n_out: int) -> torch.nn.Module:
+        try:
+            return build_model(self.cfg.model.name, **self.model_kwargs(n_out))
+        except ValueError as exc:  # an unknown torchvision name, weights that do not fit
+            raise ConfigError("", str(exc)) from None
+
+    def model_kwargs(self, n_out: int) -> dict[str, Any]:
+        return model_kwargs(self.cfg.model, n_out, self.benchmark.input_shape)
 
     @property
     def n_experiences(self) -> int:
@@ -205,7 +211,7 @@ class ClassificationRun:
     def _rebuild_model(self) -> None:
         torch.manual_seed(self.cfg.seed)
         first = self.benchmark.train_stream[0].classes_in_this_experience
-        self.trainer.model = build_model(self.cfg.model.name, **model_kwargs(self.cfg.model, max(first) + 1))
+        self.trainer.model = self._build_model(max(first) + 1)
 
     def results(self) -> dict[str, Any]:
         R = self.accuracy_matrix
@@ -214,6 +220,9 @@ class ClassificationRun:
             **summarize(R),
             "class_order": self.benchmark.class_order,
             "classes_per_experience": self.benchmark.classes_per_experience,
+            "class_names": self.benchmark.class_names,
+            "in_memory": self.benchmark.in_memory,
+            "history_bytes": 0 if self.trainer.history is None else self.trainer.history.nbytes,
             "train_eval_time_s": self.train_time_s,
         }
 
@@ -225,9 +234,26 @@ def save_run_package(runner: ClassificationRun, path: Path) -> Path:
 
     model = runner.trainer.model
     n_out = model.classifier.n_classes
-    return save_model(path, model, kind="classifier", architecture=runner.cfg.model.name,
-                      arch_kwargs=model_kwargs(runner.cfg.model, n_out), class_names=[str(c) for c in range(n_out)],
-                      extra=classifier_package_extra(runner.trainer.history))
+    kwargs = {k: v for k, v in runner.model_kwargs(n_out).items() if k != "weights"}  # weights are in the package
+    names = runner.benchmark.class_names
+    return save_model(path, model, kind="classifier", architecture=runner.cfg.model.name, arch_kwargs=kwargs,
+                      class_names=[names[i] if i < len(names) else str(i) for i in range(n_out)],
+                      extra=classifier_package_extra(runner.trainer.history, input_spec(runner)))
+
+
+def input_spec(runner: ClassificationRun) -> dict[str, Any]:
+    """What the model takes, stored in its package so updates and predictions prepare data the same way."""
+    shape = runner.benchmark.input_shape
+    normalize = runner.cfg.scenario.transforms.normalize
+    spec: dict[str, Any] = {"max_value": 1.0}
+    if len(shape) == 1:
+        side = int(shape[0] ** 0.5)
+        spec.update(channels=1, size=[side, side] if side * side == shape[0] else [1, shape[0]], flat=True)
+    else:
+        spec.update(channels=int(shape[0]), size=[int(shape[1]), int(shape[2])], flat=False)
+    if normalize is not None:
+        spec["normalize"] = {"mean": list(normalize.mean), "std": list(normalize.std)}
+    return spec
 
 
 def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -247,7 +273,7 @@ def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = Fa
     if is_main_process():
         save_run_package(runner, out_dir / "model.pt")
         accuracy_heatmap(results["accuracy_matrix"], out_dir / "accuracy_matrix.png",
-                         title=f"{cfg.strategy.name} on Split Digits (seed {cfg.seed})")
+                         title=f"{cfg.strategy.name} on {cfg.scenario.name} (seed {cfg.seed})")
     for plugin in runner.trainer.plugins:  # per-iteration statistics of plugins that keep them
         if hasattr(plugin, "summary") and hasattr(plugin, "plot_stats"):
             results["gradient_stats"] = {str(k): v for k, v in plugin.summary().items()}
