@@ -160,3 +160,9 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise a one-line :class:`ConfigError` for ``key`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(key, message)
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check and convert one value against a type hint, as config loading does for every key
+    (used for options that are not dataclass fields: plugin options in ``strategy.plugins``)."""
+    return _coerce(value, tp, key)

@@ -185,7 +185,7 @@ def images_from_array(x: np.ndarray, origin: str) -> torch.Tensor:
     if x.dtype != np.uint8:
         x = x.astype(np.float32)
         if not np.isfinite(x).all():
-            first = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).any(axis=1))[0])
+            first = int(np.flatnonzero((~np.isfinite(x.reshape(len(x), -1))).any(axis=1))[0])
             raise DataError(f"{origin}: sample {first} holds NaN or infinite values")
     tensor = torch.from_numpy(np.ascontiguousarray(x))
     if tensor.dim() == 2:
