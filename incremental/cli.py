@@ -40,6 +40,11 @@ def prepare_run(config_path: str, overrides: Sequence[str]) -> tuple[Any, Any, d
     scenario = raw.get("scenario", {})
     name = scenario.get("name") if isinstance(scenario, dict) else None
     runner = runner_for(name)
+    legacy = getattr(runner, "legacy", None)
+    if legacy is not None and "strategy" in raw:  # old strategy names, kept for one release
+        from .runners.base import legacy_strategy
+
+        raw["strategy"] = legacy_strategy(raw["strategy"], legacy)
     config = from_dict(runner.Config, raw)
     return runner, config, raw
 

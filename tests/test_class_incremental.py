@@ -112,7 +112,8 @@ def test_presets_fill_only_what_the_config_leaves_unset():
 # ----------------------------------------------------------------------------- through the CLI
 def _config(tmp_path: Path, scenario: dict, **sections) -> Path:
     data = {"seed": 0, "scenario": {"name": "class_incremental", **scenario},
-            "strategy": {"name": "replay", "mem_size": 20}, "train": {"epochs": 1, "batch_size": 8, "lr": 0.1},
+            "strategy": {"plugins": [{"name": "replay"}], "history": {"mem_size": 20}},
+            "train": {"epochs": 1, "batch_size": 8, "lr": 0.1},
             "model": {"name": "mlp", "hidden_size": 16}, **sections}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
