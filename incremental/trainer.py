@@ -17,7 +17,7 @@ does; either way ``mb_history`` stays visible to plugins.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -179,6 +179,7 @@ class Trainer:
         self.mb_history: Batch | None = None
         self.mb_output: Any = None
         self.loss: torch.Tensor | None = None
+        self.loss_terms: dict[str, torch.Tensor] = {}  # named terms of the last criterion() (summed into loss)
         self.is_training = False
         self.current_eval_stream: Any = None
         self._stop_training = False
@@ -236,7 +237,15 @@ class Trainer:
         return module(self.mb_x)
 
     def criterion(self) -> torch.Tensor:
-        return self._criterion(self.mb_output, self.mb_y)
+        """The minibatch loss. A family's criterion may return named loss terms (a dict: a detector's
+        four losses, one per task); they are summed here and kept in ``loss_terms`` for plugins that
+        weight them (dynamic loss weighting)."""
+        loss = self._criterion(self.mb_output, self.mb_y)
+        if isinstance(loss, Mapping):
+            self.loss_terms = dict(loss)
+            return sum(self.loss_terms.values())  # type: ignore[return-value]
+        self.loss_terms = {"loss": loss}
+        return loss
 
     def backward(self) -> None:
         # With uneven shards (an epoch's last minibatch) each rank's mean loss is re-weighted so that

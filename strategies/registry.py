@@ -129,7 +129,11 @@ def build_plugin(entry: Mapping[str, Any], index: int = 0, hooks: Mapping[str, F
     if hook is not None:
         own = {**hook.defaults, **{k: coerce(v, hook.options[k], f"{key}.{k}")
                                    for k, v in options.items() if k in hook.options}}
-        for extra, value in hook.build(own).items():
+        try:
+            extras = hook.build(own)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}.{exc.key}" if exc.key else key, str(exc).split(": ", 1)[-1]) from None
+        for extra, value in extras.items():
             kwargs.setdefault(extra, value)
     for extra, value in (defaults or {}).items():
         if extra in accepted:

@@ -217,6 +217,13 @@ class Run:
         self.plugins = build_plugins(self.cfg.strategy.plugins, hooks, defaults={"seed": self.cfg.seed})
         return self.plugins
 
+    def check_plugins(self, hooks: Mapping[str, Any] | None = None) -> None:
+        """Build ``strategy.plugins`` once and drop them: a family that builds its plugins late (after
+        training a deployed model) refuses a bad option before any work is done."""
+        from strategies.registry import build_plugins
+
+        build_plugins(self.cfg.strategy.plugins, hooks, defaults={"seed": self.cfg.seed})
+
     def plugin(self, attribute: str) -> Any:
         """The first plugin that has ``attribute`` (e.g. ``plot_stats``), or None."""
         return next((p for p in self.plugins if hasattr(p, attribute)), None)
