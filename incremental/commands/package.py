@@ -106,13 +106,14 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _head_check(head_key: str, n_names: int, classes: str, describe: Any) -> Any:
-    """A check for :func:`fit_state_dict`: the weights' head has one row per class of the classes file."""
+def _head_check(head_key: str, n_names: int, extra_rows: int, classes: str, describe: Any) -> Any:
+    """A check for :func:`fit_state_dict`: the weights' head has one row per class of the classes file
+    (plus ``extra_rows``: the detector's background)."""
     from ..package import PackageError
 
     def check(state: dict[str, Any]) -> None:
         rows = int(state[head_key].shape[0])
-        if rows != n_names:
+        if rows != n_names + extra_rows:
             raise PackageError(f"{classes} lists {n_names} classes, {describe(rows)}")
 
     return check
@@ -150,7 +151,7 @@ def package_classifier(args: argparse.Namespace, kwargs: dict[str, Any], names: 
     if len(size) > 2:
         raise PackageError(f"--input-size: one size or H W, got {size}")
     head_name, _ = last_linear(model)
-    check = _head_check(f"{head_name}.weight", len(names), args.classes,
+    check = _head_check(f"{head_name}.weight", len(names), 0, args.classes,
                         lambda rows: f"the weights' head {head_name!r} has {rows} outputs")
     model.load_state_dict(fit_state_dict(state, model.state_dict(), args.weights, arch, check))
     given: dict[str, Any] = {"size": size, "max_value": args.pixel_max, "resize": args.resize,
@@ -200,7 +201,7 @@ def package_detector(args: argparse.Namespace, kwargs: dict[str, Any], names: li
         model = build_torchvision_detector(arch.removeprefix(TORCHVISION_PREFIX), len(names), **options)
     except (TypeError, ValueError) as exc:
         raise PackageError(f"--kwargs: {str(exc).splitlines()[0]}") from None
-    check = _head_check("roi_heads.box_predictor.cls_score.weight", len(names), args.classes,
+    check = _head_check("roi_heads.box_predictor.cls_score.weight", len(names), 1, args.classes,
                         lambda rows: f"the weights' box predictor has {rows} outputs ({rows - 1} classes + background; "
                                      "list the classes without the background)")
     model.load_state_dict(fit_state_dict(state, model.state_dict(), args.weights, arch, check))

@@ -99,6 +99,20 @@ def _summary(holdout: dict[str, Any] | None, old_data: dict[str, Any] | None) ->
     }
 
 
+@torch.no_grad()
+def grow_box_predictor(predictor: torch.nn.Module, num_outputs: int) -> bool:
+    """Grow the box predictor to ``num_outputs`` class outputs (background included) before training;
+    returns True when the old outputs (class scores and box deltas) are bit-identical after the growth,
+    checked on a seeded probe of box features."""
+    old = int(predictor.cls_score.out_features)
+    probe = torch.randn(8, predictor.cls_score.in_features, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(predictor.cls_score.weight)
+    scores, deltas = predictor(probe)
+    predictor.grow_to(num_outputs)
+    new_scores, new_deltas = predictor(probe)
+    return bool(torch.equal(new_scores[:, :old], scores) and torch.equal(new_deltas[:, : 4 * old], deltas))
+
+
 def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = None) -> dict[str, Any]:
     """Learn the new classes of ``data_path`` into the detector of ``package``; writes
     ``out_dir/model.pt`` and returns the report (the caller writes it)."""
@@ -183,6 +197,7 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
         if isinstance(history.samples, ListSamples):
             history.samples.collate_fn = detection_collate
 
+    head_kept = grow_box_predictor(model.roi_heads.box_predictor, len(names) + 1)
     model.train()
     batch_size = int(_option(options, "batch_size"))
     per_epoch = max(1, -(-len(train) // batch_size))
@@ -224,6 +239,7 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
         "exemplars": {"source": None if history is None else ("--old-data" if exemplar_data is not None else "package"),
                       "count": 0 if history is None else len(history)},
         "skipped": data.skipped,
+        "head": {"old_outputs": len(old_names) + 1, "outputs": len(names) + 1, "old_outputs_unchanged_at_growth": head_kept},
         "epochs": epochs,
         "steps": trainer.clock.train_iterations,
         "plugin": plugin_summary,
