@@ -213,6 +213,7 @@ def update(package: ModelPackage, data_path: str | Path, out_dir: Path, options:
 
         plugins.append(GradientMixingPlugin())
 
+    rehearsed = 0 if history is None else len(history)
     model.train()
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=options.lr), nn.CrossEntropyLoss(),
                       train_mb_size=options.batch_size, train_epochs=options.epochs, plugins=plugins,
@@ -243,7 +244,8 @@ def update(package: ModelPackage, data_path: str | Path, out_dir: Path, options:
         "old_classes": list(package.class_names),
         "new_classes": new_names,
         "preprocessing": prep.describe(),
-        "exemplars": {"source": exemplar_source, "count": 0 if history is None else len(history)},
+        "exemplars": {"source": exemplar_source, "rehearsed": rehearsed,
+                      "kept_in_package": 0 if history is None else len(history)},
         "head": {"old_outputs": n_old, "outputs": len(all_names), "old_outputs_unchanged_at_growth": old_outputs_unchanged},
         "n_train": int(len(train_idx)),
         "n_eval_old": int(len(eval_old_y)),
@@ -267,7 +269,7 @@ def format_report(report: dict[str, Any]) -> str:
 
     lines = [] if not report.get("strategy_note") else [f"note: {report['strategy_note']}"]
     exemplars = report.get("exemplars") or {}
-    rehearsed = f", rehearsing {exemplars['count']} exemplars from {exemplars['source']}" if exemplars.get("source") else ""
+    rehearsed = f", rehearsing {exemplars['rehearsed']} exemplars from {exemplars['source']}" if exemplars.get("source") else ""
     lines += [
         f"updated {report['model']} with {len(report['new_classes'])} new classes "
         f"({', '.join(report['new_classes'])}) using {report['strategy']}{rehearsed}",

@@ -198,6 +198,7 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
             history.samples.collate_fn = detection_collate
 
     head_kept = grow_box_predictor(model.roi_heads.box_predictor, len(names) + 1)
+    rehearsed = 0 if history is None else len(history)
     model.train()
     batch_size = int(_option(options, "batch_size"))
     per_epoch = max(1, -(-len(train) // batch_size))
@@ -237,7 +238,7 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
         "n_holdout": len(held),
         "n_old_data": 0 if old_data is None else len(old_data),
         "exemplars": {"source": None if history is None else ("--old-data" if exemplar_data is not None else "package"),
-                      "count": 0 if history is None else len(history)},
+                      "rehearsed": rehearsed, "kept_in_package": 0 if history is None else len(history)},
         "skipped": data.skipped,
         "head": {"old_outputs": len(old_names) + 1, "outputs": len(names) + 1, "old_outputs_unchanged_at_growth": head_kept},
         "epochs": epochs,
