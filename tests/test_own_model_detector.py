@@ -106,6 +106,13 @@ def test_package_update_predict_feedback(user_detector, tmp_path, capsys):
     assert [c["name"] for c in skeleton["categories"]] == OLD + ["triangle"] and len(skeleton["images"]) == 6
     assert all({"image_id", "category_id", "bbox", "score"} <= set(r) for r in results)
     assert {r["category_id"] for r in results} <= {c["id"] for c in skeleton["categories"]}
+    # with --instances the image ids are the COCO file's
+    pred_ids = tmp_path / "pred_ids.json"
+    assert main(["predict", "--model", str(tmp_path / "updated" / "model.pt"), "--images",
+                 str(tmp_path / "new" / "images"), "--instances", str(tmp_path / "new" / "instances.json"),
+                 "--out", str(pred_ids), "--quiet"]) == 0
+    assert {r["image_id"] for r in json.loads(pred_ids.read_text())} <= {im["id"] for im in new_scene.coco["images"]}
+    assert not (tmp_path / "pred_ids.images.json").exists()
     verified = {**skeleton, "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 20]}]}
     (tmp_path / "verified.json").write_text(json.dumps(verified))
     assert main(["feedback", "--model", str(tmp_path / "updated" / "model.pt"), "--images",
@@ -129,3 +136,18 @@ def test_detector_errors_are_one_line_and_write_nothing(user_detector, tmp_path,
     err = capsys.readouterr().err
     assert "does not fit torchvision:fasterrcnn_resnet50_fpn: missing key 'backbone.body.conv1.weight'" in err
     assert not out.exists()
+
+
+def test_replay_takes_exemplars_from_old_data(user_detector, tmp_path, capsys):
+    root, _ = user_detector
+    pkg = tmp_path / "detector.pt"
+    assert main(package_args(root, pkg)) == 0
+    new_scene = generate_scene("transfer", 4, seed=2, image_size=SIZE, classes=["triangle"])
+    write_scene(new_scene, tmp_path / "new")
+    report = run_update(str(pkg), str(tmp_path / "new"), tmp_path / "u",
+                        {"strategy": "replay", "epochs": 1, "min_steps": 2, "batch_size": 2, "old_data": str(root / "old"),
+                         "holdout": 0.25})
+    # 8 old images: 2 held out to measure the old classes, 6 rehearsed
+    assert report["strategy"] == "replay" and report["strategy_note"] is None
+    assert report["exemplars"]["source"] == "--old-data" and report["exemplars"]["rehearsed"] == 6
+    assert report["n_old_data"] == 2

@@ -71,12 +71,9 @@ def add_parser(sub: Any) -> None:
 def cmd_package(args: argparse.Namespace) -> int:
     from ..cli import UsageError, one_line
     from ..importing import is_torchvision_detector, read_class_names, read_state_dict
+    from . import output_path
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UsageError(f"{out} exists; use --force to overwrite")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give the package file to write")
+    out = output_path(args.out, args.force)
     try:
         kwargs = parse_kwargs(args.kwargs)
         names, ids = read_class_names(args.classes)

@@ -43,10 +43,9 @@ def add_parser(sub: Any) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..cli import UsageError, one_line
     from ..package import load_model
+    from . import output_path
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UsageError(f"{out} exists; use --force to overwrite")
+    out = output_path(args.out, args.force)
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.batch_size < 1:
