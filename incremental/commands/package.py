@@ -24,16 +24,16 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "package", help="make a model package from your own trained model (weights file + class names)",
-        description="Package a model trained elsewhere so that `incremental update` and `incremental predict` "
-                    "can use it. The preprocessing given here is stored in the package and applied by every "
-                    "later command.",
+        description="Package a model trained elsewhere so that `incremental update` and `incremental predict`\n"
+                    "can use it. The preprocessing given here is stored in the package and applied by every\n"
+                    "later command. Errors are one line (exit code 2) and nothing is written.",
         epilog="examples:\n"
-               "  incremental package --architecture torchvision:resnet18 --weights resnet.pth --classes classes.txt "
-               "--out model.pt --input-size 224 --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225\n"
-               "  incremental package --architecture torchvision:fasterrcnn_mobilenet_v3_large_320_fpn "
-               "--weights det.pth --classes objects.txt --out detector.pt\n"
-               "  incremental package --architecture my_models:FashionNet --kwargs '{\"num_classes\": 8}' "
-               "--weights net.pt --classes classes.txt --out model.pt --input-size 28",
+               "  incremental package --architecture torchvision:resnet18 --weights resnet.pth --classes classes.txt \\\n"
+               "      --out model.pt --input-size 224 --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225\n"
+               "  incremental package --architecture torchvision:fasterrcnn_mobilenet_v3_large_320_fpn \\\n"
+               "      --weights det.pth --classes objects.txt --out detector.pt\n"
+               "  incremental package --architecture my_models:FashionNet --kwargs '{\"num_classes\": 8}' \\\n"
+               "      --weights net.pt --classes classes.txt --out model.pt --input-size 28",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--architecture", required=True, metavar="ARCH",
                    help="torchvision:<classification model> (torchvision:resnet18, ...), torchvision:fasterrcnn_resnet50_fpn "

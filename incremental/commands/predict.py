@@ -23,7 +23,9 @@ import torch
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="run a model package on images: top-k classes, or COCO detection results",
-                       description=__doc__.split("\n\n")[0].strip().rstrip(".") + ".",
+                       description="Run a model package on images. Classifiers: the top-k classes of every image, "
+                                   "prepared with the package's stored preprocessing. Detectors: COCO results "
+                                   "(what `incremental feedback --predictions` reads).",
                        epilog="The output is written atomically; an existing --out is kept unless --force.")
     p.add_argument("--model", required=True, help="model package (incremental package / run / update)")
     p.add_argument("--images", required=True,
