@@ -158,7 +158,7 @@ def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
 
     labels = [m.replace("_mem", "\nmem ") for m in methods] + ["joint\n(upper bound)"]
     stats = [summary[m] for m in methods] + [summary["joint"]]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(labels), 4.2))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(labels), 4.6))
     pos = np.arange(len(labels))
     for k, (key, label) in enumerate((("old_accuracy", "old classes (8)"), ("new_accuracy", "new classes (2)"))):
         means = [100 * s[key]["mean"] for s in stats]
@@ -174,7 +174,7 @@ def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 112)
     ax.set_title("Fashion-MNIST: a user's 8-class CNN updated with 2 new classes (mean ± std over seeds)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
     fig.tight_layout()
     save_figure(path, fig, dpi=110)
 
