@@ -181,7 +181,7 @@ class TorchvisionClassifier(nn.Module):
         check(in_channels in (1, 3), "in_channels", f"must be 1 or 3, got {in_channels}")
         known = torchvision.models.list_models(torchvision.models)  # classification models only
         if name not in known:
-            raise ValueError(f"model.name: unknown torchvision classification model {name!r}; known: {', '.join(known)}")
+            raise ValueError(f"model.name: unknown torchvision model {name!r}; known: {', '.join(known)}")
         try:  # options: the builder's own keyword arguments (``aux_logits``, ``image_size``, ...)
             backbone = torchvision.models.get_model(name, weights=None, **(options or {}))
         except (TypeError, ValueError) as exc:
