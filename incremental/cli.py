@@ -21,6 +21,7 @@ from .config import ConfigError, apply_overrides, from_dict, load_yaml
 SUBCOMMANDS: dict[str, str] = {
     "update": "incremental.update",
     "feedback": "incremental.detection.feedback",
+    "package": "incremental.commands.package", "predict": "incremental.commands.predict",
 }
 
 

@@ -154,6 +154,14 @@ def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def detach_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """Replace the last ``nn.Linear`` of ``model`` by ``nn.Identity`` (in place), so the model returns
+    the features that layer took; returns the layer's dotted name and the layer."""
+    name, head = last_linear(model)
+    _set_submodule(model, name, nn.Identity())
+    return name, head
+
+
 class TorchvisionClassifier(nn.Module):
     """Any torchvision classification model with its last linear layer replaced by a growing head.
 
@@ -164,20 +172,22 @@ class TorchvisionClassifier(nn.Module):
     architecture expects three (torchvision models do).
     """
 
-    def __init__(self, name: str, n_classes: int = 10, in_channels: int = 3, weights: str | None = None) -> None:
+    def __init__(self, name: str, n_classes: int = 10, in_channels: int = 3, weights: str | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         super().__init__()
         import torchvision
 
         check(n_classes >= 1, "n_classes", f"must be >= 1, got {n_classes}")
         check(in_channels in (1, 3), "in_channels", f"must be 1 or 3, got {in_channels}")
-        try:
-            backbone = torchvision.models.get_model(name, weights=None)
-        except ValueError:
-            known = ", ".join(torchvision.models.list_models(torchvision.models))
-            raise ValueError(f"model.name: unknown torchvision model {name!r}; known: {known}") from None
+        known = torchvision.models.list_models(torchvision.models)  # classification models only
+        if name not in known:
+            raise ValueError(f"model.name: unknown torchvision model {name!r}; known: {', '.join(known)}")
+        try:  # options: the builder's own keyword arguments (``aux_logits``, ``image_size``, ...)
+            backbone = torchvision.models.get_model(name, weights=None, **(options or {}))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"model.options: torchvision {name} does not take {options} ({exc})") from None
         self.arch = name
-        self.head_name, head = last_linear(backbone)
-        _set_submodule(backbone, self.head_name, nn.Identity())
+        self.head_name, head = detach_head(backbone)
         self.features = backbone
         self.classifier = GrowingClassifier(head.in_features, n_classes)
         self.in_channels = in_channels

@@ -45,10 +45,10 @@ def register_architecture(name: str, target: str | Callable[..., nn.Module]) -> 
 
 
 def build_architecture(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    if name.startswith("torchvision:"):  # any torchvision classifier, head replaced by a growing one
-        from .models import build_model
+    if name.startswith("torchvision:") or (":" in name and name not in ARCHITECTURES):
+        from .importing import build_imported  # torchvision classifiers / detectors, a user's module:Class
 
-        return build_model(name, **{k: v for k, v in kwargs.items() if k != "weights"})
+        return build_imported(name, kwargs)
     target: Any = ARCHITECTURES.get(name)
     if target is None:
         raise PackageError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")

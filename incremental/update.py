@@ -27,20 +27,22 @@ UPDATERS: dict[str, str] = {
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("update", help="update a model package with the new classes in a data set")
-    p.add_argument("--model", help="model package (.pt written by incremental run / update / save_model)")
+    p.add_argument("--model", help="model package (.pt written by incremental package / run / update / save_model)")
     p.add_argument("--data", help="new data: ImageFolder directory or .npz (x, y, class_names) for classifiers; "
                                   "COCO files for detection / panoptic packages")
     p.add_argument("--out", help="output directory for the updated package and the report")
     # Unset flags stay None: each model family's updater has its own defaults (a detector wants a
     # smaller learning rate and batch than a digits classifier).
-    p.add_argument("--strategy", help="classifiers: replay (default), gradient_mixing, lwf, naive; "
+    p.add_argument("--strategy", help="classifiers: replay (default when there are exemplars: the package's or "
+                                      "--old-data), gradient_mixing, lwf (default without exemplars), naive; "
                                       "detectors / panoptic: pseudo_distill (default), pseudo_labels, distillation, naive")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--mem-size", type=int, help="exemplars kept in the updated package")
     p.add_argument("--holdout", type=float, help="fraction of the new data held out for the report (default 0.2)")
-    p.add_argument("--old-data", help="held-out data of the old classes, to measure what is kept")
+    p.add_argument("--old-data", help="data of the old classes: measures what is kept; for a package without "
+                                      "exemplars, 1 - holdout of it becomes the exemplars rehearsed")
     p.add_argument("--seed", type=int)
     p.add_argument("--demo", action="store_true",
                    help="train a digits model on 0-4, then update it with 5-9 (embedded data; --out optional)")

@@ -11,11 +11,16 @@ width 16 (the default).
 
 The box predictor can grow (``grow_to``): the loop's ``model_adaptation`` calls it when labels of new
 classes arrive, keeping the old rows, like :class:`incremental.models.GrowingClassifier`.
+
+:func:`build_torchvision_detector` builds torchvision's own Faster R-CNN architectures
+(``fasterrcnn_resnet50_fpn`` and the two MobileNetV3 variants) with the same growing box predictor, so a
+detector a user fine-tuned with torchvision loads its state dict unchanged and is updated like ours.
 """
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -203,3 +208,100 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], batch_size: int = 
     finally:
         model.train(was_training)
     return out
+
+
+@dataclass(frozen=True)
+class TorchvisionDetectorSpec:
+    """How torchvision's builder of that name assembles the model (its backbone and its defaults)."""
+
+    backbone: str  # "resnet50" (FPN on layers 1-4) or "mobilenet_v3_large" (FPN on the last two stages)
+    max_trainable: int  # backbone stages torchvision counts for ``trainable_backbone_layers``
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+#: torchvision's Faster R-CNN builders this project rebuilds (weights are never downloaded).
+TORCHVISION_DETECTORS: dict[str, TorchvisionDetectorSpec] = {
+    "fasterrcnn_resnet50_fpn": TorchvisionDetectorSpec("resnet50", 5),
+    "fasterrcnn_mobilenet_v3_large_fpn": TorchvisionDetectorSpec("mobilenet_v3_large", 6, {"rpn_score_thresh": 0.05}),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": TorchvisionDetectorSpec("mobilenet_v3_large", 6, {
+        "min_size": 320, "max_size": 640, "rpn_pre_nms_top_n_test": 150, "rpn_post_nms_top_n_test": 150,
+        "rpn_score_thresh": 0.05}),
+}
+
+#: FasterRCNN constructor settings a package stores (read back from a live model by :func:`detector_settings`).
+SETTINGS = ("min_size", "max_size", "image_mean", "image_std", "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
+            "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "rpn_nms_thresh", "rpn_fg_iou_thresh",
+            "rpn_bg_iou_thresh", "rpn_batch_size_per_image", "rpn_positive_fraction", "rpn_score_thresh",
+            "box_score_thresh", "box_nms_thresh", "box_detections_per_img", "box_fg_iou_thresh", "box_bg_iou_thresh",
+            "box_batch_size_per_image", "box_positive_fraction")
+
+
+def build_torchvision_detector(name: str, num_classes: int = 1, norm: str = "frozen",
+                               trainable_backbone_layers: int = 3, **settings: Any) -> FasterRCNN:
+    """torchvision's ``name`` Faster R-CNN, untrained, with a :class:`GrowingBoxPredictor`.
+
+    The modules and state-dict keys are exactly those of ``torchvision.models.detection.<name>``;
+    ``num_classes`` counts foreground classes. ``norm`` is the backbone's normalisation: ``"frozen"``
+    (``FrozenBatchNorm2d``: what torchvision uses whenever it starts from pretrained weights, the usual
+    way a detector is fine-tuned) or ``"batch"`` (``BatchNorm2d``: a detector trained from scratch).
+    ``trainable_backbone_layers`` counts the backbone stages that train, from the last (torchvision's
+    meaning; default 3 as torchvision's fine-tuning default). ``settings`` are FasterRCNN's keyword
+    arguments (:data:`SETTINGS`), over torchvision's defaults for ``name``.
+    """
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    spec = TORCHVISION_DETECTORS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown torchvision detector {name!r}; known: {', '.join(TORCHVISION_DETECTORS)}")
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"torchvision:{name}: unknown setting(s) {unknown}; known: {', '.join(SETTINGS)}")
+    if norm not in ("frozen", "batch"):
+        raise ValueError(f"torchvision:{name}: norm must be 'frozen' or 'batch', got {norm!r}")
+    if int(num_classes) < 1:
+        raise ValueError(f"torchvision:{name}: num_classes must be >= 1, got {num_classes}")
+    layers = int(trainable_backbone_layers)
+    if not 0 <= layers <= spec.max_trainable:
+        raise ValueError(f"torchvision:{name}: trainable_backbone_layers must be in [0, {spec.max_trainable}], got {layers}")
+    norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+    extra: dict[str, Any] = {}
+    if spec.backbone == "resnet50":
+        backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=norm_layer,
+                                       trainable_layers=layers)
+    else:
+        backbone = mobilenet_backbone(backbone_name=spec.backbone, weights=None, fpn=True, norm_layer=norm_layer,
+                                      trainable_layers=layers)
+        sizes = ((32, 64, 128, 256, 512),) * 3
+        extra["rpn_anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    cfg = {**spec.defaults, **settings}
+    model = FasterRCNN(backbone, num_classes=None, box_predictor=GrowingBoxPredictor(1024, int(num_classes) + 1),
+                       **extra, **cfg)
+    model.detector_kwargs = {"num_classes": int(num_classes), "norm": norm,  # type: ignore[attr-defined]
+                             "trainable_backbone_layers": layers, **settings}
+    model.architecture = f"torchvision:{name}"  # type: ignore[attr-defined]
+    return model
+
+
+def detector_settings(model: FasterRCNN) -> dict[str, Any]:
+    """The FasterRCNN settings of a live model (:data:`SETTINGS`), read from its parts: what a package
+    must store so the rebuilt detector resizes, normalises, proposes and filters as this one does."""
+    t, rpn, roi = model.transform, model.rpn, model.roi_heads
+    return {
+        "min_size": int(t.min_size[-1]), "max_size": int(t.max_size),
+        "image_mean": [float(v) for v in t.image_mean], "image_std": [float(v) for v in t.image_std],
+        "rpn_pre_nms_top_n_train": int(rpn._pre_nms_top_n["training"]),
+        "rpn_pre_nms_top_n_test": int(rpn._pre_nms_top_n["testing"]),
+        "rpn_post_nms_top_n_train": int(rpn._post_nms_top_n["training"]),
+        "rpn_post_nms_top_n_test": int(rpn._post_nms_top_n["testing"]),
+        "rpn_nms_thresh": float(rpn.nms_thresh), "rpn_fg_iou_thresh": float(rpn.proposal_matcher.high_threshold),
+        "rpn_bg_iou_thresh": float(rpn.proposal_matcher.low_threshold),
+        "rpn_batch_size_per_image": int(rpn.fg_bg_sampler.batch_size_per_image),
+        "rpn_positive_fraction": float(rpn.fg_bg_sampler.positive_fraction), "rpn_score_thresh": float(rpn.score_thresh),
+        "box_score_thresh": float(roi.score_thresh), "box_nms_thresh": float(roi.nms_thresh),
+        "box_detections_per_img": int(roi.detections_per_img),
+        "box_fg_iou_thresh": float(roi.proposal_matcher.high_threshold),
+        "box_bg_iou_thresh": float(roi.proposal_matcher.low_threshold),
+        "box_batch_size_per_image": int(roi.fg_bg_sampler.batch_size_per_image),
+        "box_positive_fraction": float(roi.fg_bg_sampler.positive_fraction),
+    }

@@ -1,9 +1,10 @@
 """Detector model packages: :mod:`incremental.package` files of kind ``detector``.
 
-The package stores the architecture (``fasterrcnn_tiny`` = :func:`~incremental.detection.model.build_detector`)
-with its kwargs (``num_classes`` as the box head is now), the class names in label order (label
-``i + 1`` is ``class_names[i]``) and, in ``extra``, the COCO category id of every class (what the
-model's predictions files use) and the input size.
+The package stores the architecture (``fasterrcnn_tiny`` = :func:`~incremental.detection.model.build_detector`,
+or ``torchvision:fasterrcnn_*`` = :func:`~incremental.detection.model.build_torchvision_detector`) with
+its kwargs (``num_classes`` as the box head is now), the class names in label order (label ``i + 1`` is
+``class_names[i]``) and, in ``extra``, the COCO category id of every class (what the model's predictions
+files use) and, for the tiny detector, the input size.
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ def save_detector(path: str | Path, model: nn.Module, class_names: Sequence[str]
     if len(ids) != len(names) or len(set(ids)) != len(ids):
         raise PackageError(f"category ids {ids} must be unique, one per class {names}")
     kwargs = detector_kwargs(model)
-    payload_extra = {"category_ids": ids, "image_size": int(kwargs["image_size"]), **(extra or {})}
-    return save_model(path, model, kind=KIND, architecture=ARCHITECTURE, arch_kwargs=kwargs,
-                      class_names=names, extra=payload_extra)
+    payload_extra: dict[str, Any] = {"category_ids": ids}
+    if "image_size" in kwargs:  # the tiny detector's; torchvision's store min_size / max_size in kwargs
+        payload_extra["image_size"] = int(kwargs["image_size"])
+    return save_model(path, model, kind=KIND, architecture=getattr(model, "architecture", ARCHITECTURE),
+                      arch_kwargs=kwargs, class_names=names, extra={**payload_extra, **(extra or {})})
 
 
 def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -13,9 +13,11 @@ Methods (``options.strategy``):
   :class:`strategies.pseudo_label_distillation.PseudoLabelDistillationPlugin`);
 - ``pseudo_labels`` / ``distillation``: one half of it (ablations);
 - ``naive``: fine-tune on the new data as it is;
-- ``replay``: ``naive`` plus rehearsal of the exemplars the package carries (``extra["history"]``);
-  a package without exemplars is updated with ``pseudo_distill`` instead, and the report says so
-  (``strategy_note``), because ``replay`` is the command's default for every kind of model.
+- ``replay``: ``naive`` plus rehearsal of the exemplars the package carries (``extra["history"]``),
+  or, for a package without them (a detector packaged from a user's weights), of images of
+  ``options.old_data``, of which a ``holdout`` part is kept apart for the report; with neither, the
+  update uses ``pseudo_distill`` instead and the report says so (``strategy_note``), because
+  ``replay`` is the command's default for every kind of model.
 
 The report gives COCO AP (points) on a held-out part of the data (``options.holdout``) for the old
 and the new classes before and after, plus AP on ``options.old_data`` (a COCO file of old-class
@@ -97,6 +99,20 @@ def _summary(holdout: dict[str, Any] | None, old_data: dict[str, Any] | None) ->
     }
 
 
+@torch.no_grad()
+def grow_box_predictor(predictor: torch.nn.Module, num_outputs: int) -> bool:
+    """Grow the box predictor to ``num_outputs`` class outputs (background included) before training;
+    returns True when the old outputs (class scores and box deltas) are bit-identical after the growth,
+    checked on a seeded probe of box features."""
+    old = int(predictor.cls_score.out_features)
+    probe = torch.randn(8, predictor.cls_score.in_features, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(predictor.cls_score.weight)
+    scores, deltas = predictor(probe)
+    predictor.grow_to(num_outputs)
+    new_scores, new_deltas = predictor(probe)
+    return bool(torch.equal(new_scores[:, :old], scores) and torch.equal(new_deltas[:, : 4 * old], deltas))
+
+
 def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = None) -> dict[str, Any]:
     """Learn the new classes of ``data_path`` into the detector of ``package``; writes
     ``out_dir/model.pt`` and returns the report (the caller writes it)."""
@@ -112,10 +128,11 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
     seed = int(_option(options, "seed"))
     note = None
     saved_history = getattr(package, "extra", {}).get("history")
-    if strategy == "replay" and (not saved_history or saved_history.get("samples") is None):
+    has_exemplars = bool(saved_history) and saved_history.get("samples") is not None
+    if strategy == "replay" and not has_exemplars and not _option(options, "old_data"):
         # `incremental update` defaults to replay for every kind; a detector package usually carries
         # no exemplars, and the method that needs no old data is the right default then.
-        note = "the package carries no exemplars to rehearse: used pseudo_distill instead of replay"
+        note = "the package carries no exemplars to rehearse and no --old-data was given: used pseudo_distill instead of replay"
         strategy = "pseudo_distill"
     model, info = detector_from_package(package)
     old_names: list[str] = list(info["class_names"])
@@ -145,9 +162,13 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
     train_idx, held_idx = split_images(len(data), float(_option(options, "holdout")), seed)
     train, held = _subset(data, train_idx), _subset(data, held_idx)
     old_data = None
+    exemplar_data = None
     if _option(options, "old_data"):
         old_instances, old_images = resolve_data(_option(options, "old_data"))
         old_data = load_coco_detection(old_instances, old_images, names, unknown_categories="error")
+        if strategy == "replay" and not has_exemplars:  # its images become the exemplars, a hold-out measures
+            rehearse_idx, eval_idx = split_images(len(old_data), float(_option(options, "holdout")), seed)
+            exemplar_data, old_data = _subset(old_data, rehearse_idx), _subset(old_data, eval_idx)
     model.eval()
     before = _summary(_ap(model, held, names, old_names), _ap(model, old_data, names, old_names))
 
@@ -167,11 +188,17 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
         from ..buffer import HistoryLibrary
         from .coco import detection_collate
 
-        history = HistoryLibrary(int(_option(options, "mem_size")), saved_history.get("policy", "reservoir"), seed=seed)
-        history.load_state_dict(saved_history)
+        if exemplar_data is not None:
+            history = HistoryLibrary(int(_option(options, "mem_size")), "reservoir", seed=seed)
+            history.update(exemplar_data.samples)
+        else:
+            history = HistoryLibrary(int(_option(options, "mem_size")), saved_history.get("policy", "reservoir"), seed=seed)
+            history.load_state_dict(saved_history)
         if isinstance(history.samples, ListSamples):
             history.samples.collate_fn = detection_collate
 
+    head_kept = grow_box_predictor(model.roi_heads.box_predictor, len(names) + 1)
+    rehearsed = 0 if history is None else len(history)
     model.train()
     batch_size = int(_option(options, "batch_size"))
     per_epoch = max(1, -(-len(train) // batch_size))
@@ -210,7 +237,10 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
         "n_train": len(train),
         "n_holdout": len(held),
         "n_old_data": 0 if old_data is None else len(old_data),
+        "exemplars": {"source": None if history is None else ("--old-data" if exemplar_data is not None else "package"),
+                      "rehearsed": rehearsed, "kept_in_package": 0 if history is None else len(history)},
         "skipped": data.skipped,
+        "head": {"old_outputs": len(old_names) + 1, "outputs": len(names) + 1, "old_outputs_unchanged_at_growth": head_kept},
         "epochs": epochs,
         "steps": trainer.clock.train_iterations,
         "plugin": plugin_summary,
