@@ -32,3 +32,23 @@ def test_example_runs_in_avalanche_naive(tmp_path):
     for r in results.values():
         assert set(r["headline"]) == {"landmarks", "pose", "smile", "age", "gender", "mask", "glasses",
                                       "attractiveness", "quality"}
+
+
+@pytest.mark.slow  # tests/test_multitask_loss_terms.py covers the same mode in seconds with a fake strategy
+def test_example_named_terms_mode_in_avalanche_naive(tmp_path):
+    # the criterion returns {task: loss}; a Naive subclass exposes strategy.loss_terms; the plugin,
+    # given no task list, reads the names at the first iteration and weighs the terms
+    out = tmp_path / "terms.json"
+    cmd = [sys.executable, str(ROOT / "examples" / "avalanche_multitask.py"), "--n-train", "48", "--n-test", "24",
+           "--epochs", "3", "--batch-size", "16", "--methods", "dwa_ema_exp_init", "gradnorm", "--named-terms",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    dwa = results["dwa_ema_exp_init"]
+    assert dwa["mode"] == "named_terms" and dwa["periods"] == 6
+    assert list(dwa["loss_weights"]) == ["landmarks", "pose", "smile", "age", "gender", "mask", "glasses",
+                                         "attractiveness", "quality"]
+    assert dwa["weight_history"][2]["weights"] != dwa["weight_history"][1]["weights"]
+    gn = results["gradnorm"]["loss_weights"]
+    assert sum(gn.values()) == pytest.approx(9.0, abs=1e-3) and max(gn.values()) - min(gn.values()) > 1e-3

@@ -100,6 +100,7 @@ class StrategyConfig:
     beta: float = 0.9
     temperature: float | None = None
     alpha: float = 1.5
+    log_eps: float = 1e-8  # the eps of log(L + eps) for the *_log methods
     gradnorm_lr: float | None = None  # null: train.lr (the methods train their weights with the model)
     uncertainty_lr: float | None = None
     mem_size: int = 0
@@ -111,6 +112,7 @@ class StrategyConfig:
         check(0.0 <= self.beta < 1.0, "strategy.beta", f"must be in [0, 1), got {self.beta}")
         check(self.temperature is None or self.temperature > 0, "strategy.temperature", "must be > 0 or null")
         check(self.alpha >= 0, "strategy.alpha", f"must be >= 0, got {self.alpha}")
+        check(self.log_eps > 0, "strategy.log_eps", f"must be > 0, got {self.log_eps}")
         check(self.gradnorm_lr is None or self.gradnorm_lr > 0, "strategy.gradnorm_lr", "must be > 0 or null")
         check(self.uncertainty_lr is None or self.uncertainty_lr > 0, "strategy.uncertainty_lr", "must be > 0 or null")
         check(self.mem_size >= 0, "strategy.mem_size", f"must be >= 0, got {self.mem_size}")
@@ -283,7 +285,7 @@ def build_plugin(cfg: Config, tasks: list[TaskSpec], train: TensorSamples) -> An
     scales = inverse_baseline_weights(tasks, train) if s.task_scales == "inverse_baseline_loss" else None
     return DynamicLossWeightingPlugin(
         tasks, s.weighting, period_steps=s.period_steps, fixed_weights=fixed, beta=s.beta,
-        temperature=s.temperature, alpha=s.alpha, gradnorm_lr=s.gradnorm_lr or cfg.train.lr,
+        temperature=s.temperature, alpha=s.alpha, log_eps=s.log_eps, gradnorm_lr=s.gradnorm_lr or cfg.train.lr,
         uncertainty_lr=s.uncertainty_lr or cfg.train.lr, task_scales=scales,
     )
 
