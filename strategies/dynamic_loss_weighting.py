@@ -15,7 +15,7 @@ The plugin is the adapter between the loop and the pure formulas of
 
 Either way it accumulates each term's loss for the period statistics (training minibatches only).
 
-- A period is an epoch (``after_training_epoch``) or ``period_steps`` training iterations. At its end
+- A period is ``period_epochs`` epochs (default 1) or ``period_steps`` training iterations. At its end
   the period's mean losses are stored and, for the DWA family, the next period's weights computed;
   periods 1 and 2 use the fixed weights (default 1), so the weights are dynamic from period 3 on and
   never change inside a period.
@@ -121,8 +121,8 @@ class DynamicLossWeightingPlugin(Plugin):
 
     ``tasks``: the :class:`TaskSpec` list (names, types, losses, missing markers) for the criterion
     mode; or plain term names, or None, for the named-terms mode, where the names are read from
-    ``strategy.loss_terms`` at the first iteration. ``period_steps``: None for one period per
-    epoch, else a period every that many training iterations. ``fixed_weights``: weights of
+    ``strategy.loss_terms`` at the first iteration. ``period_steps``: a period every that many
+    training iterations; None for periods of ``period_epochs`` epochs (default 1). ``fixed_weights``: weights of
     periods 1 and 2 (and of every period for ``fixed``), a ``{task: weight}`` mapping (missing
     tasks 1) or a list in task order; default all 1. ``beta``, ``temperature``: formulas (5) and
     (7)/(8) (temperature None: 1 for the ``dwa_ema_exp`` family, 2 for ``dwa``). ``log_eps``: the
@@ -141,6 +141,7 @@ class DynamicLossWeightingPlugin(Plugin):
         method: str = "dwa_ema_exp",
         *,
         period_steps: int | None = None,
+        period_epochs: int = 1,
         fixed_weights: Mapping[str, float] | Sequence[float] | None = None,
         beta: float = 0.9,
         temperature: float | None = None,
@@ -154,7 +155,8 @@ class DynamicLossWeightingPlugin(Plugin):
         super().__init__()
         check(method in METHODS, "method", f"unknown weighting method {method!r}; known: {', '.join(METHODS)}")
         check(period_steps is None or period_steps >= 1, "period_steps",
-              f"must be >= 1 or None (one period per epoch), got {period_steps}")
+              f"must be >= 1 or None (periods of period_epochs epochs), got {period_steps}")
+        check(period_epochs >= 1, "period_epochs", f"must be >= 1, got {period_epochs}")
         check(0.0 <= beta < 1.0, "beta", f"must be in [0, 1), got {beta}")
         check(temperature is None or temperature > 0, "temperature", f"must be > 0 or None, got {temperature}")
         check(alpha >= 0, "alpha", f"must be >= 0, got {alpha}")
@@ -166,6 +168,7 @@ class DynamicLossWeightingPlugin(Plugin):
         check(task_scales is None or self.base not in ("gradnorm", "uncertainty"), "task_scales",
               f"apply to the period-based methods; {method} learns its own scales")
         self.period_steps = period_steps
+        self.period_epochs = int(period_epochs)
         self.alpha = float(alpha)
         self.beta = beta
         self.temperature = temperature
@@ -177,6 +180,7 @@ class DynamicLossWeightingPlugin(Plugin):
         self.names: list[str] = []
         self.log: list[dict[str, Any]] = []  # one entry per finished period
         self._steps_in_period = 0
+        self._epochs_in_period = 0
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         if tasks is not None:
             if all(isinstance(t, str) for t in tasks):
@@ -322,7 +326,9 @@ class DynamicLossWeightingPlugin(Plugin):
 
     def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
         if self.period_steps is None and self._steps_in_period > 0:
-            self.close_period()
+            self._epochs_in_period += 1
+            if self._epochs_in_period >= self.period_epochs:
+                self.close_period()
 
     # ------------------------------------------------------------------ periods
     def close_period(self) -> None:
@@ -345,6 +351,7 @@ class DynamicLossWeightingPlugin(Plugin):
         self._loss_sum.zero_()
         self._count.zero_()
         self._steps_in_period = 0
+        self._epochs_in_period = 0
 
     # ------------------------------------------------------------------ GradNorm
     def _gradnorm_step(self, model: nn.Module) -> None:
@@ -409,6 +416,7 @@ class DynamicLossWeightingPlugin(Plugin):
             "loss_sum": self._loss_sum.clone(),
             "count": self._count.clone(),
             "steps_in_period": self._steps_in_period,
+            "epochs_in_period": self._epochs_in_period,
             "log": self.log,
         }
 
@@ -431,4 +439,5 @@ class DynamicLossWeightingPlugin(Plugin):
         self._loss_sum = torch.as_tensor(state["loss_sum"], dtype=torch.float64).clone()
         self._count = torch.as_tensor(state["count"], dtype=torch.float64).clone()
         self._steps_in_period = int(state["steps_in_period"])
+        self._epochs_in_period = int(state.get("epochs_in_period", 0))
         self.log = [dict(entry) for entry in state["log"]]
