@@ -122,9 +122,9 @@ class DynamicLossWeightingPlugin(Plugin):
     ``tasks``: the :class:`TaskSpec` list (names, types, losses, missing markers) for the criterion
     mode; or plain term names, or None, for the named-terms mode, where the names are read from
     ``strategy.loss_terms`` at the first iteration. ``period_steps``: a period every that many
-    training iterations; None for periods of ``period_epochs`` epochs (default 1). ``fixed_weights``: weights of
-    periods 1 and 2 (and of every period for ``fixed``), a ``{task: weight}`` mapping (missing
-    tasks 1) or a list in task order; default all 1. ``beta``, ``temperature``: formulas (5) and
+    training iterations; None for periods of ``period_epochs`` epochs (default 1).
+    ``fixed_weights``: weights of periods 1 and 2 (and of every period for ``fixed``), a
+    ``{task: weight}`` mapping (missing tasks 1) or a list in task order; default all 1. ``beta``, ``temperature``: formulas (5) and
     (7)/(8) (temperature None: 1 for the ``dwa_ema_exp`` family, 2 for ``dwa``). ``log_eps``: the
     epsilon of ``log(L + eps)`` for the ``*_log`` methods. ``task_scales``: for the period-based
     methods, a constant factor per task multiplying the period's weight (default 1).
@@ -298,16 +298,17 @@ class DynamicLossWeightingPlugin(Plugin):
         losses = torch.stack([terms[n].reshape(()) if n in terms else ref.new_zeros(()) for n in self.names])
         present = torch.tensor([n in terms for n in self.names])
         self._record(losses, present, present.double())
-        plain = torch.where(present.to(losses.device), losses, torch.zeros_like(losses)).sum()
-        strategy.loss = strategy.loss + (self.combine(losses, present) - plain)
+        strategy.loss = strategy.loss + (self.combine(losses, present) - losses.sum())  # absent terms are 0
 
     # ------------------------------------------------------------------ callbacks
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        if self._last is None:  # the criterion did not run: weigh the loop's named terms, if any
+        if self._last is None:  # the criterion did not run: weigh the loop's named terms
             terms = getattr(strategy, "loss_terms", None)
-            if not terms:
+            if terms is None:
                 raise RuntimeError("DynamicLossWeightingPlugin saw no loss this iteration: pass plugin.criterion as "
                                    "the loop's criterion, or use a loop that exposes strategy.loss_terms")
+            if not terms:  # a minibatch without any term (no labels at all): nothing to weigh
+                return
             self._weigh_loss_terms(strategy)
         if self.base == "gradnorm":
             self._gradnorm_step(strategy.model)

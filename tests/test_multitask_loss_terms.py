@@ -2,7 +2,6 @@
 variants through the plugin, and the multi-task criterion that returns named terms."""
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -12,19 +11,9 @@ from torch import nn
 from incremental.config import ConfigError
 from incremental.multitask.tasks import TaskSpec, task_loss_terms
 from strategies.dynamic_loss_weighting import DynamicLossWeightingPlugin
+from tests.test_multitask_plugin import feed_period  # one period of one iteration through plugin.criterion
 
 THREE = [TaskSpec("a", "regression"), TaskSpec("b", "regression"), TaskSpec("c", "regression")]
-
-
-def criterion_period(plugin: DynamicLossWeightingPlugin, losses: list[float]) -> float:
-    """One period of one iteration through ``plugin.criterion`` with MSE per task exactly ``losses``."""
-    out = {n: torch.zeros(2, requires_grad=True) for n in "abc"}
-    y = {n: torch.full((2,), math.sqrt(v)) for n, v in zip("abc", losses)}
-    total = plugin.criterion(out, y)
-    strategy = SimpleNamespace(model=None)
-    plugin.after_training_iteration(strategy)
-    plugin.after_training_epoch(strategy)
-    return total.item()
 
 
 def terms_period(plugin: DynamicLossWeightingPlugin, terms: dict[str, float], extra: float = 0.0) -> SimpleNamespace:
@@ -56,7 +45,7 @@ def test_named_terms_and_criterion_modes_give_the_same_dwa_schedule():
     by_criterion = DynamicLossWeightingPlugin(THREE, "dwa_ema_exp")
     by_terms = DynamicLossWeightingPlugin(["a", "b", "c"], "dwa_ema_exp")
     for losses, total in (([10.0, 1.0, 0.5], 11.5), ([5.0, 0.9, 0.5], 6.4), ([4.0, 0.45, 0.5], 3.981853)):
-        assert criterion_period(by_criterion, losses) == pytest.approx(total, abs=1e-5)
+        assert feed_period(by_criterion, losses).item() == pytest.approx(total, abs=1e-5)
         strategy = terms_period(by_terms, dict(zip("abc", losses)))
         assert strategy.loss.item() == pytest.approx(total, abs=1e-5)
     assert by_terms.weights == pytest.approx(by_criterion.weights)
@@ -79,6 +68,9 @@ def test_named_terms_unknown_later_term_and_missing_loss_are_clear():
         terms_period(plugin, {"cls": 1.0, "distill": 1.0})
     with pytest.raises(RuntimeError, match="strategy.loss_terms"):
         plugin.before_backward(SimpleNamespace(model=None, loss=torch.tensor(1.0)))
+    empty = SimpleNamespace(model=None, loss=torch.tensor(1.0), loss_terms={})  # a batch without any term
+    plugin.before_backward(empty)
+    assert empty.loss.item() == 1.0
     with pytest.raises(TypeError, match="needs the TaskSpec list"):
         DynamicLossWeightingPlugin(["a"], "equal").criterion({"a": torch.zeros(1)}, {"a": torch.zeros(1)})
 
@@ -143,7 +135,7 @@ def test_scaled_variants_through_the_plugin():
                 "dwa_ema_exp_log": [1.609438, 0.810930, -0.686682]}
     for method, totals in expected.items():
         plugin = DynamicLossWeightingPlugin(THREE, method)
-        got = [criterion_period(plugin, losses) for losses in ([10.0, 1.0, 0.5], [5.0, 0.9, 0.5], [4.0, 0.45, 0.5])]
+        got = [feed_period(plugin, losses).item() for losses in ([10.0, 1.0, 0.5], [5.0, 0.9, 0.5], [4.0, 0.45, 0.5])]
         assert got == pytest.approx(totals, abs=1e-5), method
         # the weights are the METHODS formula's on the raw losses, whatever the transform
         assert plugin.log[2]["weights"]["a"] == pytest.approx(0.724542, abs=1e-5)
