@@ -7,12 +7,20 @@ Avalanche's minibatch unpacking needs. Avalanche's default evaluator computes ac
 ``mb_output`` and cannot read a dict, so the strategy gets an ``EvaluationPlugin()`` without metrics
 and the per-task metrics come from our ``MultiTaskAccumulator``.
 
+``--named-terms`` shows the other mode, the one every model family can use: the strategy's criterion
+returns named loss terms (here one per task, :func:`task_loss_terms`), a four-line ``Naive`` subclass
+exposes them as ``strategy.loss_terms`` and adds their plain sum to ``strategy.loss``, and the plugin
+(built without a task list: it reads the term names at the first iteration) replaces that sum by the
+weighted one in ``before_backward``.
+
     .venv/bin/python examples/avalanche_multitask.py                       # about 15 s of CPU
     .venv/bin/python examples/avalanche_multitask.py --n-train 64 --n-test 64 --epochs 3 --methods gradnorm
+    .venv/bin/python examples/avalanche_multitask.py --named-terms --methods dwa_ema_exp_init
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -27,7 +35,7 @@ from incremental.multitask.loaders import avalanche_dataset  # noqa: E402
 from incremental.multitask.metrics import MultiTaskAccumulator, headline  # noqa: E402
 from incremental.multitask.model import HydraNet  # noqa: E402
 from incremental.multitask.synthfaces import make_synthfaces, synthfaces_tasks  # noqa: E402
-from incremental.multitask.tasks import fit_output_scaling  # noqa: E402
+from incremental.multitask.tasks import fit_output_scaling, task_loss_terms  # noqa: E402
 from incremental.multitask.weighting import METHODS  # noqa: E402
 from incremental.trainer import seed_everything  # noqa: E402
 from strategies.dynamic_loss_weighting import DynamicLossWeightingPlugin  # noqa: E402
@@ -45,6 +53,20 @@ def evaluate(model: torch.nn.Module, samples: Any, tasks: list, batch_size: int 
     return acc.result()
 
 
+def named_terms_naive() -> type:
+    """Avalanche's ``Naive`` whose criterion returns ``{name: loss}``: the terms are exposed as
+    ``strategy.loss_terms`` and their plain sum is the strategy's loss, which is all a loop has to do
+    for ``DynamicLossWeightingPlugin`` to weight them."""
+    from avalanche.training import Naive
+
+    class NamedTermsNaive(Naive):
+        def criterion(self) -> torch.Tensor:
+            self.loss_terms = self._criterion(self.mb_output, self.mb_y)
+            return torch.stack(list(self.loss_terms.values())).sum() if self.loss_terms else self.mb_x.new_zeros(())
+
+    return NamedTermsNaive
+
+
 def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.training import Naive
@@ -59,19 +81,25 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     bench = benchmark_from_datasets(train=[avalanche_dataset(p) for p in parts], test=[avalanche_dataset(test)])
 
     model = HydraNet(tasks, channels=(8, 16, 24, 32))
-    plugin = DynamicLossWeightingPlugin(tasks, method, gradnorm_lr=args.lr, uncertainty_lr=args.lr)
+    if args.named_terms:  # the plugin weighs strategy.loss_terms; term names from the first iteration
+        plugin = DynamicLossWeightingPlugin(None, method, gradnorm_lr=args.lr, uncertainty_lr=args.lr)
+        template, criterion = named_terms_naive(), functools.partial(task_loss_terms, tasks)
+    else:  # the plugin is the criterion
+        plugin = DynamicLossWeightingPlugin(tasks, method, gradnorm_lr=args.lr, uncertainty_lr=args.lr)
+        template, criterion = Naive, plugin.criterion
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no loggers" from the metric-less evaluator
         evaluator = EvaluationPlugin()
-        strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=args.lr),
-                         criterion=plugin.criterion, train_mb_size=args.batch_size, train_epochs=args.epochs,
-                         eval_mb_size=256, device="cpu", plugins=[plugin], evaluator=evaluator)
+        strategy = template(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=args.lr),
+                            criterion=criterion, train_mb_size=args.batch_size, train_epochs=args.epochs,
+                            eval_mb_size=256, device="cpu", plugins=[plugin], evaluator=evaluator)
     for experience in bench.train_stream:
         strategy.train(experience)
     strategy.eval(bench.test_stream)  # Avalanche's eval loop calls the criterion under no_grad
     result = evaluate(model, test, tasks)
     return {
         "method": method,
+        "mode": "named_terms" if args.named_terms else "criterion",
         "headline": headline(result, tasks),
         "loss_weights": plugin.weights,
         "periods": len(plugin.log),
@@ -90,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--missing", type=float, default=0.3, help="fraction of labels missing per task")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--named-terms", action="store_true",
+                        help="criterion returns named terms, the plugin weighs strategy.loss_terms")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

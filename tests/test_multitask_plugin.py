@@ -252,3 +252,14 @@ def test_period_losses_are_summed_over_ranks_before_weights(monkeypatch):
     plugin = DynamicLossWeightingPlugin(THREE, "dwa_ema_exp")
     feed_period(plugin, [10.0, 1.0, 0.5])
     assert [plugin.log[0]["losses"][n] for n in "abc"] == pytest.approx([20.0, 2.0, 0.5])
+
+
+def test_period_epochs_groups_epochs_into_one_period():
+    # 5 epochs of 1 iteration with period_epochs=2: periods close after epochs 2 and 4 (2 steps each);
+    # the fifth epoch is still open
+    plugin = DynamicLossWeightingPlugin(THREE, "dwa", period_epochs=2)
+    for losses in ([1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0]):
+        feed_period(plugin, losses)
+    assert [e["steps"] for e in plugin.log] == [2, 2]
+    assert plugin.log[0]["losses"] == pytest.approx({"a": 2.0, "b": 2.0, "c": 2.0})  # mean over the two epochs
+    assert plugin._steps_in_period == 1 and plugin.period == 3

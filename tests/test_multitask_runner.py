@@ -28,7 +28,7 @@ def test_synthfaces_run_writes_tasks_weights_and_curve(tmp_path):
     assert len(res["weight_history"]) == 3 and res["weight_history"][0]["weights"]["age"] == 1.0
     assert sum(res["loss_weights"].values()) == pytest.approx(9.0, abs=1e-4)  # dynamic from period 3
     assert res["data"]["label_coverage"]["age"] == pytest.approx(0.7, abs=0.03)
-    assert res["time_per_epoch_s"] > 0 and res["config"]["strategy"]["weighting"] == "dwa_ema_exp"
+    assert res["time_per_epoch_s"] > 0 and res["config"]["strategy"]["weighting"] == "dwa_ema_exp_init"
     assert (tmp_path / "a" / "loss_weights.png").read_bytes()[:4] == b"\x89PNG"
     # same seed, same numbers
     again = run_cli(tmp_path / "b", "--set", "scenario.missing_fraction=0.3")

@@ -218,3 +218,43 @@ def test_constant_predictor_loss():
     assert constant_predictor_loss(TaskSpec("b", "binary"), T([1.0, 0.0, 0.0, 0.0])) == pytest.approx(0.562335, abs=1e-6)
     # multi-class frequencies (0.5, 0.5, 0): entropy ln 2
     assert constant_predictor_loss(TaskSpec("c", "multiclass", dim=3), T([0, 1, 0, 1])) == pytest.approx(math.log(2))
+
+
+# ------------------------------------------------------------------ scale-invariant variants
+def test_split_method_names():
+    from incremental.multitask.weighting import split_method
+
+    assert split_method("dwa_ema_exp_log") == ("dwa_ema_exp", "log")
+    assert split_method("dwa_ema_exp_init") == ("dwa_ema_exp", "initial")
+    assert split_method("equal_log") == ("equal", "log")
+    assert split_method("dwa_ema_exp") == ("dwa_ema_exp", "none")  # the METHODS formula, unchanged
+    with pytest.raises(ValueError, match="unknown weighting method"):
+        split_method("dwa_log")
+
+
+def test_scale_normalised_and_period_scales():
+    from incremental.multitask.weighting import period_scales, scale_normalised
+
+    # (4, 0.5, 3) / (2, 0.25, [not measured -> 1]) = (2, 2, 3)
+    assert close(scale_normalised(T([4.0, 0.5, 3.0]), T([2.0, 0.25, float("nan")])), [2.0, 2.0, 3.0])
+    # previous period's means where measured, else the initial loss
+    assert close(period_scales(T([2.0, 4.0]), T([1.0, float("nan")])), [1.0, 4.0])
+    assert close(period_scales(T([2.0, 4.0]), None), [2.0, 4.0])
+
+
+def test_log_losses_and_transform():
+    from incremental.multitask.weighting import log_losses, transform_losses
+
+    # log(1) = 0, log(e) = 1, log(e^2) = 2 (eps 1e-8 moves them by < 1e-8)
+    assert close(log_losses(T([1.0, math.e, math.e**2])), [0.0, 1.0, 2.0])
+    assert torch.isfinite(log_losses(T([0.0]))).all()  # log(eps), not -inf
+    # the gradient of log L is 1 / L: a loss of 200 and one of 0.02 push equally per relative change
+    x = T([200.0, 0.02], requires_grad=True)
+    log_losses(x).sum().backward()
+    assert close(x.grad, [1 / 200.0, 1 / 0.02], tol=1e-3)
+    assert close(transform_losses(T([2.0, 3.0]), "none"), [2.0, 3.0])
+    assert close(transform_losses(T([2.0, 3.0]), "initial", T([4.0, 3.0])), [0.5, 1.0])
+    with pytest.raises(ValueError, match="needs the task scales"):
+        transform_losses(T([2.0]), "previous_period")
+    with pytest.raises(ValueError, match="eps"):
+        log_losses(T([1.0]), 0.0)

@@ -17,6 +17,8 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from torch.nn import functional as F
 
+from .weighting import masked_task_mean
+
 TaskKind = Literal["regression", "binary", "multiclass", "points"]
 KINDS: tuple[str, ...] = ("regression", "binary", "multiclass", "points")
 REGRESSION_LOSSES: tuple[str, ...] = ("mse", "l1", "smooth_l1")
@@ -138,6 +140,42 @@ def safe_targets(spec: TaskSpec, target: torch.Tensor, present: torch.Tensor) ->
     fill = torch.zeros((), dtype=target.dtype, device=target.device)
     shape = (-1,) + (1,) * (target.dim() - 1)
     return torch.where(present.reshape(shape), target, fill)
+
+
+def masked_task_losses(specs: Mapping[str, TaskSpec], output: Mapping[str, torch.Tensor],
+                       y: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task losses (K,) in ``specs`` order, each the mean over the samples labelled for the task
+    (formula 10; a task without a label in the batch gives exactly 0), and the label counts (K,).
+
+    Entries of unlabelled samples get a valid dummy target before the loss and are dropped with
+    ``torch.where``, so a marker can be neither an index error nor a ``0 * nan``.
+    """
+    if not isinstance(output, Mapping):
+        raise TypeError(f"the model must return a dict {{task: output}}, got {type(output).__name__}")
+    if not isinstance(y, Mapping):
+        raise TypeError(f"labels must be a dict {{task: tensor}}, got {type(y).__name__}")
+    losses, counts = [], []
+    for name, spec in specs.items():
+        if name not in output:
+            raise KeyError(f"the model's output has no task {name!r} (it has {sorted(output)})")
+        if name not in y:
+            raise KeyError(f"the labels have no task {name!r} (they have {sorted(y)})")
+        present = label_present(y[name], spec.marker)
+        per = per_sample_loss(spec, output[name], safe_targets(spec, y[name], present))
+        losses.append(masked_task_mean(per, present))
+        counts.append(present.sum())
+    return torch.stack(losses), torch.stack(counts)
+
+
+def task_loss_terms(specs: Sequence[TaskSpec] | Mapping[str, TaskSpec], output: Mapping[str, torch.Tensor],
+                    y: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A multi-task criterion that returns named loss terms: ``{task: masked mean loss}`` for every task
+    with at least one label in the batch (a task without labels is left out, not a 0 that would pull
+    its period mean down). Their sum is the plain, unweighted multi-task loss; a loop that exposes the
+    terms as ``strategy.loss_terms`` lets ``DynamicLossWeightingPlugin`` weight them."""
+    by_name = task_specs_by_name(specs)
+    losses, counts = masked_task_losses(by_name, output, y)
+    return {name: losses[i] for i, name in enumerate(by_name) if int(counts[i]) > 0}
 
 
 def task_specs_by_name(tasks: Sequence[TaskSpec] | Mapping[str, TaskSpec]) -> dict[str, TaskSpec]:

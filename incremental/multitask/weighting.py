@@ -14,7 +14,29 @@ from typing import Mapping, Sequence
 import torch
 
 DWA_METHODS: tuple[str, ...] = ("dwa_ema_exp", "dwa_ema", "dwa_ratio", "dwa")
-METHODS: tuple[str, ...] = DWA_METHODS + ("gradnorm", "uncertainty", "equal", "fixed")
+#: Loss transforms applied to each task's loss before a period-based weight multiplies it.
+LOSS_SCALES: tuple[str, ...] = ("none", "initial", "previous_period", "log")
+#: Scale-invariant variants (not in METHODS.md): ``name -> (weight formula, loss transform)``. The
+#: weights are those of the named formula, computed from the raw losses exactly as before; only the
+#: quantity they multiply changes, so tasks measured in degrees^2 and in [0, 1] weigh alike.
+SCALED_METHODS: dict[str, tuple[str, str]] = {
+    "dwa_ema_exp_init": ("dwa_ema_exp", "initial"),
+    "dwa_ema_exp_running": ("dwa_ema_exp", "previous_period"),
+    "dwa_ema_exp_log": ("dwa_ema_exp", "log"),
+    "equal_init": ("equal", "initial"),
+    "equal_log": ("equal", "log"),
+}
+METHODS: tuple[str, ...] = DWA_METHODS + ("gradnorm", "uncertainty", "equal", "fixed") + tuple(SCALED_METHODS)
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """``(weight formula, loss transform)`` of a method name: ``dwa_ema_exp_log -> (dwa_ema_exp, log)``,
+    every METHODS.md name maps to itself with no transform."""
+    if method in SCALED_METHODS:
+        return SCALED_METHODS[method]
+    if method in METHODS:
+        return method, "none"
+    raise ValueError(f"unknown weighting method {method!r}; known: {', '.join(METHODS)}")
 
 
 # --------------------------------------------------------------------------- loss mask (formula 10)
@@ -139,6 +161,56 @@ def dynamic_weights(
             return ratio_weights(v), v
         return softmax_weights(v, 1.0 if temperature is None else temperature), v
     raise ValueError(f"{method!r} is not a period-based method; known: {list(DWA_METHODS)}")
+
+
+# --------------------------------------------------------------------------- scale-invariant losses
+def scale_normalised(losses: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``L_k / s_k``: each task's loss in units of its own scale ``s_k`` (a constant, not differentiated).
+
+    With ``s_k`` the task's initial loss this is "scale-invariant linear scalarisation": every term
+    starts at 1, so a weight of 1.2 means the same for a loss in degrees^2 as for one in [0, 1]. A
+    scale that is not a finite positive number (a task not measured yet) counts as 1.
+    """
+    s = scales.detach().to(losses.dtype)
+    ok = torch.isfinite(s) & (s > 0)
+    return losses / torch.where(ok, s, torch.ones_like(s))
+
+
+def log_losses(losses: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``log(L_k + eps)``, the loss-scale balancing of dual-balancing MTL (Lin et al., DB-MTL).
+
+    ``grad log L = grad L / L``: every task's gradient is divided by its current loss, so a task
+    contributes its *relative* improvement whatever its unit, at every step (not only at the start).
+    ``eps`` keeps a loss at exactly 0 finite.
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return torch.log(losses + eps)
+
+
+def period_scales(initial: torch.Tensor, previous_period: torch.Tensor | None) -> torch.Tensor:
+    """Scale of each task for the ``previous_period`` transform: the task's mean loss over the
+    previous period where measured, else its initial loss (period 1, or a period without labels)."""
+    if previous_period is None:
+        return initial.clone()
+    prev = previous_period.to(initial.dtype)
+    ok = torch.isfinite(prev) & (prev > 0)
+    return torch.where(ok, prev, initial)
+
+
+def transform_losses(losses: torch.Tensor, mode: str, scales: torch.Tensor | None = None,
+                     eps: float = 1e-8) -> torch.Tensor:
+    """The per-task quantity a period-based weight multiplies: ``L`` (none), ``L / s`` (initial,
+    previous_period: ``s`` from the caller) or ``log(L + eps)`` (log)."""
+    if mode == "none":
+        return losses
+    if mode == "log":
+        return log_losses(losses, eps)
+    if mode in ("initial", "previous_period"):
+        if scales is None:
+            raise ValueError(f"loss transform {mode!r} needs the task scales")
+        return scale_normalised(losses, scales)
+    raise ValueError(f"unknown loss transform {mode!r}; known: {list(LOSS_SCALES)}")
 
 
 # --------------------------------------------------------------------------- uncertainty weighting

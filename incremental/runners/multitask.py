@@ -93,13 +93,15 @@ class ScenarioConfig:
 
 @dataclass
 class StrategyConfig:
-    weighting: str = "dwa_ema_exp"
+    weighting: str = "dwa_ema_exp_init"  # chosen by benchmarks/multitask_weighting.py (docs/multitask.md)
     period_steps: int | None = None
+    period_epochs: int = 1  # when period_steps is null: epochs per period
     fixed_weights: dict[str, float] | Literal["inverse_baseline_loss"] = field(default_factory=dict)
     task_scales: Literal["none", "inverse_baseline_loss"] = "none"
     beta: float = 0.9
     temperature: float | None = None
     alpha: float = 1.5
+    log_eps: float = 1e-8  # the eps of log(L + eps) for the *_log methods
     gradnorm_lr: float | None = None  # null: train.lr (the methods train their weights with the model)
     uncertainty_lr: float | None = None
     mem_size: int = 0
@@ -108,9 +110,11 @@ class StrategyConfig:
         check(self.weighting in METHODS, "strategy.weighting",
               f"unknown method {self.weighting!r}; known: {', '.join(METHODS)}")
         check(self.period_steps is None or self.period_steps >= 1, "strategy.period_steps", "must be >= 1 or null (epochs)")
+        check(self.period_epochs >= 1, "strategy.period_epochs", f"must be >= 1, got {self.period_epochs}")
         check(0.0 <= self.beta < 1.0, "strategy.beta", f"must be in [0, 1), got {self.beta}")
         check(self.temperature is None or self.temperature > 0, "strategy.temperature", "must be > 0 or null")
         check(self.alpha >= 0, "strategy.alpha", f"must be >= 0, got {self.alpha}")
+        check(self.log_eps > 0, "strategy.log_eps", f"must be > 0, got {self.log_eps}")
         check(self.gradnorm_lr is None or self.gradnorm_lr > 0, "strategy.gradnorm_lr", "must be > 0 or null")
         check(self.uncertainty_lr is None or self.uncertainty_lr > 0, "strategy.uncertainty_lr", "must be > 0 or null")
         check(self.mem_size >= 0, "strategy.mem_size", f"must be >= 0, got {self.mem_size}")
@@ -282,8 +286,8 @@ def build_plugin(cfg: Config, tasks: list[TaskSpec], train: TensorSamples) -> An
         fixed = dict(s.fixed_weights) or None
     scales = inverse_baseline_weights(tasks, train) if s.task_scales == "inverse_baseline_loss" else None
     return DynamicLossWeightingPlugin(
-        tasks, s.weighting, period_steps=s.period_steps, fixed_weights=fixed, beta=s.beta,
-        temperature=s.temperature, alpha=s.alpha, gradnorm_lr=s.gradnorm_lr or cfg.train.lr,
+        tasks, s.weighting, period_steps=s.period_steps, period_epochs=s.period_epochs, fixed_weights=fixed, beta=s.beta,
+        temperature=s.temperature, alpha=s.alpha, log_eps=s.log_eps, gradnorm_lr=s.gradnorm_lr or cfg.train.lr,
         uncertainty_lr=s.uncertainty_lr or cfg.train.lr, task_scales=scales,
     )
 
