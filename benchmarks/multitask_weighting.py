@@ -38,12 +38,14 @@ from incremental.io import write_json  # noqa: E402
 from incremental.multitask.metrics import delta_m, relative_drop  # noqa: E402
 from incremental.multitask.synthfaces import SYNTHFACES_TASKS  # noqa: E402
 from incremental.multitask.weighting import METHODS  # noqa: E402
-from incremental.runners.multitask import Config, MultiTaskRun, StrategyConfig, prepare_data, raw_data  # noqa: E402
+from incremental.runners.multitask import (  # noqa: E402
+    DEFAULT_METHOD, Config, MultiTaskRun, prepare_data, raw_data, weighting_entry,
+)
 
 HIGHER = {t.name: t.higher_is_better for t in SYNTHFACES_TASKS}
 METRIC = {t.name: t.metric for t in SYNTHFACES_TASKS}
 TASKS = [t.name for t in SYNTHFACES_TASKS]
-DEFAULT = StrategyConfig().weighting  # the runner's default method, chosen from this benchmark
+DEFAULT = DEFAULT_METHOD  # the runner's default method, chosen from this benchmark
 #: Extra rows: a METHODS formula with its documented free parameters tuned (strategy options), picked on
 #: tuning seeds 100-108, never on the reported seeds. Periods 1-2 use the inverse-baseline-loss
 #: weights and a period is two epochs, so the fixed weights hold for epochs 1-4, the speed-based
@@ -98,7 +100,7 @@ def step_costs(cfg0: Config, raw: tuple, methods: list[str], steps: int = 20, ro
     runners = {}
     for method in methods:
         cfg = copy.deepcopy(cfg0)
-        cfg.strategy.weighting = method
+        weighting_entry(cfg)["method"] = method
         cfg.train.epochs = 1
         runners[method] = MultiTaskRun(cfg, data=small)
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -140,15 +142,15 @@ def variant_configs(cfg0: Config, args: argparse.Namespace) -> dict[str, Config]
     variants: dict[str, Config] = {}
     for method in args.methods:
         cfg = copy.deepcopy(cfg0)
-        cfg.strategy.weighting = method
+        weighting_entry(cfg)["method"] = method
         if method == "fixed":  # hand tuning, done once from the labels: 1 / loss of the best constant
-            cfg.strategy.fixed_weights = "inverse_baseline_loss"
+            weighting_entry(cfg)["fixed_weights"] = "inverse_baseline_loss"
         variants[method] = cfg
     for name, options in TUNED.items():
         if options["weighting"] in args.methods:
             cfg = copy.deepcopy(cfg0)
             for key, value in options.items():
-                setattr(cfg.strategy, key, value)
+                weighting_entry(cfg)["method" if key == "weighting" else key] = value
             variants[name] = cfg
     cfg = copy.deepcopy(cfg0)
     cfg.model.fusion = False
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         for task in TASKS:  # single-task references, with all labels and with the missing fraction
             cfg = copy.deepcopy(cfg0)
             cfg.scenario.train_tasks = [task]
-            cfg.strategy.weighting = "equal"
+            weighting_entry(cfg)["method"] = "equal"
             stl[task][seed] = run_one(cfg, raw, f"single-task {task}", verbose)["headline"][task]
             cfg.scenario.missing_fraction = args.missing
             stl_missing[task][seed] = run_one(cfg, raw, f"single-task {task} {args.missing:.0%} missing",

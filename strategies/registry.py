@@ -8,7 +8,9 @@ coerced to its type hints, so an unknown or mistyped option is one line naming i
 
 A model family may add what only it knows (the frozen deployed model, its old-model adapter, its
 task list) through :class:`FamilyHook` s: a hook may declare options of its own (for example the
-detector adapter's ``pseudo_score``), consumes them, and returns extra constructor arguments.
+detector adapter's ``pseudo_score``) or take over one of the plugin's (the multi-task family turns
+``fixed_weights: inverse_baseline_loss`` into weights computed from its labels), and returns extra
+constructor arguments.
 """
 from __future__ import annotations
 
@@ -123,6 +125,8 @@ def build_plugin(entry: Mapping[str, Any], index: int = 0, hooks: Mapping[str, F
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for option, value in options.items():
+        if hook is not None and option in hook.options:
+            continue  # the family's hook owns it (it may convert it: "inverse_baseline_loss" -> weights)
         if option in accepted:
             tp = hints.get(option, Any)
             kwargs[option] = coerce(value, tp, f"{key}.{option}") if tp is not Any else value
@@ -133,8 +137,9 @@ def build_plugin(entry: Mapping[str, Any], index: int = 0, hooks: Mapping[str, F
             extras = hook.build(own)
         except ConfigError as exc:
             raise ConfigError(f"{key}.{exc.key}" if exc.key else key, str(exc).split(": ", 1)[-1]) from None
-        for extra, value in extras.items():
-            kwargs.setdefault(extra, value)
+        for extra, value in extras.items():  # the hook's own options override; its defaults do not
+            if extra in hook.options or extra not in kwargs:
+                kwargs[extra] = value
     for extra, value in (defaults or {}).items():
         if extra in accepted:
             kwargs.setdefault(extra, value)

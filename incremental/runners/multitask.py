@@ -2,9 +2,11 @@
 
 ``scenario.name`` picks the data: ``synthfaces`` (generated, nine tasks), ``utkface`` (a folder of
 UTKFace images, ``scenario.path``), ``csv_multitask`` (a CSV file, ``scenario.path``, with the tasks
-declared in ``scenario.tasks``). ``strategy.weighting`` picks the loss weighting method. The training
-set can be split into ``scenario.n_experiences`` consecutive experiences with replay from the loop's
-history library (``strategy.mem_size``).
+declared in ``scenario.tasks``). The ``dynamic_loss_weighting`` plugin of ``strategy.plugins`` picks
+the loss weighting (its ``method``; without it the task losses are summed, masked); this family gives
+it the task list and turns ``fixed_weights`` / ``task_scales: inverse_baseline_loss`` into numbers
+from the labels. The training set can be split into ``scenario.n_experiences`` consecutive
+experiences, with ``{name: replay}`` from the loop's history library (``strategy.history``).
 
 results.json carries the per-task metrics of the final model under ``tasks``, the final loss weights
 under ``loss_weights``, the weights and mean losses of every period under ``weight_history``, and
@@ -12,7 +14,6 @@ under ``loss_weights``, the weights and mean losses of every period under ``weig
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,16 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from ..buffer import HistoryLibrary
+from .base import LegacyUpdate, Run, RunConfig, StrategyConfig, execute, legacy_history, take, unknown_legacy
 from .common import TrainConfig as CommonTrainConfig, make_optimizer
-from ..config import check
+from ..config import ConfigError, check
 from ..data import Experience, TensorSamples
 from ..multitask.metrics import MultiTaskAccumulator, headline
 from ..multitask.model import HydraNet
-from ..multitask.tasks import TaskSpec, constant_predictor_loss, fit_output_scaling, fully_labelled
-from ..multitask.weighting import METHODS, inverse_loss_weights
+from ..multitask.tasks import TaskSpec, constant_predictor_loss, fit_output_scaling, fully_labelled, task_loss_terms
+from ..multitask.weighting import inverse_loss_weights
 from ..trainer import Trainer, seed_everything
 
 SCENARIOS = ("synthfaces", "utkface", "csv_multitask")
@@ -91,38 +91,12 @@ class ScenarioConfig:
                     check(False, f"scenario.tasks[{i}]", str(exc))
 
 
-@dataclass
-class StrategyConfig:
-    weighting: str = "dwa_ema_exp_init"  # chosen by benchmarks/multitask_weighting.py (docs/multitask.md)
-    period_steps: int | None = None
-    period_epochs: int = 1  # when period_steps is null: epochs per period
-    fixed_weights: dict[str, float] | Literal["inverse_baseline_loss"] = field(default_factory=dict)
-    task_scales: Literal["none", "inverse_baseline_loss"] = "none"
-    beta: float = 0.9
-    temperature: float | None = None
-    alpha: float = 1.5
-    log_eps: float = 1e-8  # the eps of log(L + eps) for the *_log methods
-    gradnorm_lr: float | None = None  # null: train.lr (the methods train their weights with the model)
-    uncertainty_lr: float | None = None
-    mem_size: int = 0
+DEFAULT_METHOD = "dwa_ema_exp_init"  # chosen by benchmarks/multitask_weighting.py (docs/multitask.md)
+INVERSE_BASELINE = "inverse_baseline_loss"
 
-    def validate(self) -> None:
-        check(self.weighting in METHODS, "strategy.weighting",
-              f"unknown method {self.weighting!r}; known: {', '.join(METHODS)}")
-        check(self.period_steps is None or self.period_steps >= 1, "strategy.period_steps", "must be >= 1 or null (epochs)")
-        check(self.period_epochs >= 1, "strategy.period_epochs", f"must be >= 1, got {self.period_epochs}")
-        check(0.0 <= self.beta < 1.0, "strategy.beta", f"must be in [0, 1), got {self.beta}")
-        check(self.temperature is None or self.temperature > 0, "strategy.temperature", "must be > 0 or null")
-        check(self.alpha >= 0, "strategy.alpha", f"must be >= 0, got {self.alpha}")
-        check(self.log_eps > 0, "strategy.log_eps", f"must be > 0, got {self.log_eps}")
-        check(self.gradnorm_lr is None or self.gradnorm_lr > 0, "strategy.gradnorm_lr", "must be > 0 or null")
-        check(self.uncertainty_lr is None or self.uncertainty_lr > 0, "strategy.uncertainty_lr", "must be > 0 or null")
-        check(self.mem_size >= 0, "strategy.mem_size", f"must be >= 0, got {self.mem_size}")
-        check(self.task_scales == "none" or self.weighting not in ("gradnorm", "uncertainty"), "strategy.task_scales",
-              f"applies to the period-based methods; {self.weighting} learns its own scales")
-        if isinstance(self.fixed_weights, dict):
-            for name, w in self.fixed_weights.items():
-                check(w >= 0, f"strategy.fixed_weights.{name}", f"must be >= 0, got {w}")
+
+def default_strategy() -> StrategyConfig:
+    return StrategyConfig(plugins=[{"name": "dynamic_loss_weighting", "method": DEFAULT_METHOD}])
 
 
 @dataclass
@@ -153,14 +127,14 @@ class TrainConfig(CommonTrainConfig):
 
 
 @dataclass
-class Config:
-    seed: int = 0
+class Config(RunConfig):
+    strategy: StrategyConfig = field(default_factory=default_strategy)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
+        check(self.strategy.regime == "incremental", "strategy.regime", "multi-task runs train incrementally")
         check(self.model.fusion_channels >= 1, "model.fusion_channels", "must be >= 1")
         check(self.scenario.image_size % (2 ** len(self.model.channels)) == 0, "scenario.image_size",
               f"{self.scenario.image_size} must be divisible by 2**{len(self.model.channels)} (one halving per stage)")
@@ -272,58 +246,99 @@ def inverse_baseline_weights(tasks: list[TaskSpec], train: TensorSamples) -> dic
     return dict(zip([t.name for t in tasks], inverse_loss_weights(scales).tolist()))
 
 
-def build_plugin(cfg: Config, tasks: list[TaskSpec], train: TensorSamples) -> Any:
-    """The weighting plugin; ``inverse_baseline_loss`` weights / scales are computed from the labels."""
-    from strategies.dynamic_loss_weighting import DynamicLossWeightingPlugin
+def legacy(old: dict[str, Any]) -> LegacyUpdate:
+    """The old flat multi-task strategy (``weighting`` and its options, ``mem_size`` for replay)."""
+    history = legacy_history(old)
+    options = take(old, "period_steps", "period_epochs", "fixed_weights", "task_scales", "beta", "temperature",
+                   "alpha", "log_eps", "gradnorm_lr", "uncertainty_lr")
+    method = take(old, "weighting")
+    unknown_legacy(old)
+    if "weighting" in method:
+        options["method"] = method["weighting"]
+    plugins = [{"name": "dynamic_loss_weighting", "method": DEFAULT_METHOD, **options}]
+    if history.get("mem_size"):
+        plugins.append({"name": "replay"})
+    return LegacyUpdate(plugins=plugins, history=history)
 
-    s = cfg.strategy
+
+def weighting_entry(cfg: Config) -> dict[str, Any]:
+    """The ``dynamic_loss_weighting`` entry of ``strategy.plugins`` (added with the default method
+    when missing), for benchmarks that vary the weighting."""
+    for entry in cfg.strategy.plugins:
+        if entry["name"] == "dynamic_loss_weighting":
+            return entry
+    entry = {"name": "dynamic_loss_weighting", "method": DEFAULT_METHOD}
+    cfg.strategy.plugins.insert(0, entry)
+    return entry
+
+
+def plugin_hooks(cfg: Config, tasks: list[TaskSpec], train: TensorSamples) -> dict[str, Any]:
+    """What the multi-task family gives the weighting plugin: its task specs, ``inverse_baseline_loss``
+    weights / scales computed from the training labels, and the model's learning rate for the
+    learnable weights (GradNorm, uncertainty) unless given."""
+    from strategies.registry import FamilyHook
+
     names = [t.name for t in tasks]
-    if s.fixed_weights == "inverse_baseline_loss":
-        fixed: dict[str, float] | None = inverse_baseline_weights(tasks, train)
-    else:
-        unknown = sorted(set(s.fixed_weights) - set(names))
-        check(not unknown, "strategy.fixed_weights", f"unknown tasks {unknown}; tasks: {names}")
-        fixed = dict(s.fixed_weights) or None
-    scales = inverse_baseline_weights(tasks, train) if s.task_scales == "inverse_baseline_loss" else None
-    return DynamicLossWeightingPlugin(
-        tasks, s.weighting, period_steps=s.period_steps, period_epochs=s.period_epochs, fixed_weights=fixed, beta=s.beta,
-        temperature=s.temperature, alpha=s.alpha, log_eps=s.log_eps, gradnorm_lr=s.gradnorm_lr or cfg.train.lr,
-        uncertainty_lr=s.uncertainty_lr or cfg.train.lr, task_scales=scales,
-    )
+
+    def weights(option: str, value: Any) -> Any:
+        if value == INVERSE_BASELINE:
+            return inverse_baseline_weights(tasks, train)
+        if value in (None, "none"):
+            return None
+        if not isinstance(value, dict):
+            raise ConfigError(option, f"must be {{task: weight}} or {INVERSE_BASELINE}, got {value!r}")
+        unknown = sorted(set(value) - set(names))
+        check(not unknown, option, f"unknown tasks {unknown}; tasks: {names}")
+        for name, w in value.items():
+            check(w >= 0, f"{option}.{name}", f"must be >= 0, got {w}")
+        return dict(value) or None
+
+    def build(options: dict[str, Any]) -> dict[str, Any]:
+        return {"tasks": tasks, "fixed_weights": weights("fixed_weights", options["fixed_weights"]),
+                "task_scales": weights("task_scales", options["task_scales"]),
+                "gradnorm_lr": options["gradnorm_lr"] or cfg.train.lr,
+                "uncertainty_lr": options["uncertainty_lr"] or cfg.train.lr}
+
+    return {"dynamic_loss_weighting": FamilyHook(
+        build, options={"fixed_weights": Any, "task_scales": Any, "gradnorm_lr": float | None,
+                        "uncertainty_lr": float | None},
+        defaults={"fixed_weights": None, "task_scales": None, "gradnorm_lr": None, "uncertainty_lr": None})}
 
 
-class MultiTaskRun:
+class MultiTaskRun(Run):
     """One run: data, HydraNet, the weighting plugin, the loop; per-task metrics after each experience."""
 
-    def __init__(self, cfg: Config, progress: bool = False, data: MultiTaskData | None = None) -> None:
-        self.cfg = cfg
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        seed_everything(cfg.seed)
+    def __init__(self, cfg: Config, out_dir: Path | str = ".", progress: bool = False,
+                 data: MultiTaskData | None = None) -> None:
+        super().__init__(cfg, out_dir, progress)
         self.data = data if data is not None else load_data(cfg)
         self.tasks = self.data.tasks
         seed_everything(cfg.seed)  # model init does not depend on how much randomness the data took
         self.model = build_model(cfg, self.tasks)
-        self.plugin = build_plugin(cfg, self.tasks, self.data.train)
-        history = HistoryLibrary(cfg.strategy.mem_size, "reservoir", seed=cfg.seed) if cfg.strategy.mem_size else None
+        plugins = self.make_plugins(plugin_hooks(cfg, self.tasks, self.data.train))
+        self.plugin = self.plugin("weights")
         tasks = self.tasks
+        # With a weighting plugin its criterion is the loss (masked task means, weighted); without one
+        # the masked task losses are named terms the loop sums.
+        criterion = self.plugin.criterion if self.plugin is not None else (
+            lambda output, y: task_loss_terms(tasks, output, y))
         self.trainer = Trainer(
-            self.model, make_optimizer(cfg.train, self.model), self.plugin.criterion,
+            self.model, make_optimizer(cfg.train, self.model), criterion,
             train_mb_size=cfg.train.batch_size, train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size,
-            device=cfg.train.device, plugins=[self.plugin], history=history, seed=cfg.seed, progress=progress,
+            device=cfg.train.device, plugins=plugins, history=self.make_history(), seed=cfg.seed, progress=progress,
             eval_accumulator=lambda trainer: MultiTaskAccumulator(tasks),
         )
         self.experiences = split_experiences(self.data.train, cfg.scenario.n_experiences)
         self.test = Experience(self.data.test, 0, [0])
-        self.accuracy_matrix: list[list[float]] = []  # row i: headline metric per task after experience i
-        self.evaluations: list[dict[str, Any]] = []
-        self.train_time_s = 0.0
+        self.evaluations: list[dict[str, Any]] = []  # accuracy_matrix row i: headline metric per task
         self.train_cpu_time_s = 0.0
         self.epochs_done = 0
 
     @property
-    def n_experiences(self) -> int:
+    def n_steps(self) -> int:
         return len(self.experiences)
+
+    n_experiences = n_steps
 
     def step(self, i: int) -> dict[str, Any]:
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -336,32 +351,41 @@ class MultiTaskRun:
         self.accuracy_matrix.append([result[t.name][t.metric] for t in self.tasks])
         return result
 
-    # checkpoint hooks (RunCheckpointer stores these beside the trainer state)
     def extra_state(self) -> dict[str, Any]:
-        return {"plugin": self.plugin.state_dict(), "evaluations": self.evaluations, "epochs_done": self.epochs_done,
+        return {**super().extra_state(), "evaluations": self.evaluations, "epochs_done": self.epochs_done,
                 "train_cpu_time_s": self.train_cpu_time_s}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.plugin.load_state_dict(state["plugin"])
+        super().load_extra_state(state)
         self.evaluations = list(state["evaluations"])
         self.epochs_done = int(state["epochs_done"])
         self.train_cpu_time_s = float(state["train_cpu_time_s"])
 
     def results(self) -> dict[str, Any]:
         final = self.evaluations[-1]
-        return {
+        plugin = self.plugin
+        return _json_safe({
             "tasks": final,
             "headline": headline(final, self.tasks),
             "metrics": {t.name: t.metric for t in self.tasks},
-            "loss_weights": self.plugin.weights,
-            "weighting": self.cfg.strategy.weighting,
-            "weight_history": self.plugin.log,
+            "loss_weights": plugin.weights if plugin is not None else {t.name: 1.0 for t in self.tasks},
+            "weighting": plugin.method if plugin is not None else "sum",
+            "weight_history": plugin.log if plugin is not None else [],
             "evaluations": self.evaluations,
             "train_time_s": self.train_time_s,
             "time_per_epoch_s": self.train_time_s / max(self.epochs_done, 1),
             "cpu_time_per_epoch_s": self.train_cpu_time_s / max(self.epochs_done, 1),
             "data": self.data.report,
-        }
+        })
+
+    def report(self, results: dict[str, Any]) -> str:
+        return format_tasks(results, self.tasks)
+
+    def plots(self, out_dir: Path) -> None:
+        if self.plugin is not None and self.plugin.log:
+            self.plugin.plot_weights(Path(out_dir) / "loss_weights.png",
+                                     title=f"{self.plugin.method} loss weights on {self.cfg.scenario.name} "
+                                           f"(seed {self.cfg.seed})")
 
 
 def format_tasks(results: dict[str, Any], tasks: list[TaskSpec]) -> str:
@@ -374,21 +398,7 @@ def format_tasks(results: dict[str, Any], tasks: list[TaskSpec]) -> str:
 
 
 def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = False) -> dict[str, Any]:
-    from ..checkpoint import RunCheckpointer
-
-    runner = MultiTaskRun(cfg, progress=progress)
-    checkpointer = RunCheckpointer(out_dir, dataclasses.asdict(cfg))
-    start = checkpointer.restore(runner) if resume else 0
-    for i in tqdm(range(start, runner.n_experiences), desc="experiences", disable=not progress,
-                  initial=start, total=runner.n_experiences):
-        runner.step(i)
-        checkpointer.save(runner, i + 1, extra=runner.extra_state())
-    results = runner.results()
-    if runner.plugin.log:
-        runner.plugin.plot_weights(Path(out_dir) / "loss_weights.png",
-                                   title=f"{cfg.strategy.weighting} loss weights on {cfg.scenario.name} (seed {cfg.seed})")
-    results["report"] = format_tasks(results, runner.tasks)
-    return _json_safe(results)
+    return execute(MultiTaskRun(cfg, out_dir, progress), out_dir, resume=resume)
 
 
 def _json_safe(value: Any) -> Any:
