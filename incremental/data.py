@@ -98,6 +98,9 @@ class TensorSamples(Dataset):
         if targets is None:
             targets = y if isinstance(y, torch.Tensor) and y.dim() == 1 else torch.zeros(n, dtype=torch.long)
         self.labels = targets.long()
+        # One task label for all (class-incremental data): a minibatch's task labels are a slice of this
+        # tensor (a view) instead of one more fancy index per step.
+        self._one_task = self.t if n and bool((self.t == self.t[0]).all()) else None
 
     # torch Dataset protocol (used by Avalanche code and DataLoader-based callers)
     def __len__(self) -> int:
@@ -121,7 +124,14 @@ class TensorSamples(Dataset):
 
     # fast path used by the loop
     def batch(self, idx: torch.Tensor) -> Batch:
-        return [self.x[idx], _index(self.y, idx), self.t[idx]]
+        t = self._one_task[: len(idx)] if self._one_task is not None else self.t[idx]
+        y = self.y[idx] if isinstance(self.y, torch.Tensor) else _index(self.y, idx)
+        return [self.x[idx], y, t]
+
+    def slice(self, start: int, stop: int) -> Batch:
+        """Samples ``start:stop`` in order, as views (evaluation reads the data in order)."""
+        y = self.y[start:stop] if isinstance(self.y, torch.Tensor) else {k: v[start:stop] for k, v in self.y.items()}
+        return [self.x[start:stop], y, self.t[start:stop]]
 
     def subset(self, idx: torch.Tensor) -> "TensorSamples":
         return TensorSamples(self.x[idx], _index(self.y, idx), self.t[idx], self.labels[idx])

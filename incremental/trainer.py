@@ -16,8 +16,9 @@ does; either way ``mb_history`` stays visible to plugins.
 """
 from __future__ import annotations
 
+import contextlib
 import random
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ from tqdm.auto import tqdm
 from . import distributed as dist_utils
 from .buffer import HistoryLibrary
 from .data import (
-    Batch, EpochBatchSampler, as_batch, batch_indices, batch_size_of, concat_batches, dataset_labels, eval_view,
-    global_batch_sizes, in_memory, make_loader, move_to, train_view,
+    Batch, EpochBatchSampler, TensorSamples, as_batch, batch_indices, batch_size_of, concat_batches, dataset_labels,
+    eval_view, global_batch_sizes, in_memory, make_loader, move_to, train_view,
 )
 from .plugins import ALL_CALLBACKS, overrides
 
@@ -68,7 +69,15 @@ class ClassificationAccumulator:
 
     def update(self, output: torch.Tensor, y: torch.Tensor) -> None:
         self.correct += int((output.argmax(dim=1) == y).sum())
-        self.count += len(y)
+        n = len(y)
+        self.count += n
+        if isinstance(self.criterion, nn.CrossEntropyLoss) and self.criterion.weight is None:
+            # one pass: per-sample cross-entropy, labels the head cannot output yet left out
+            known = y < output.shape[1]
+            losses = nn.functional.cross_entropy(output, torch.where(known, y, 0), reduction="none")
+            self.loss_sum += float(losses.mul_(known).sum())
+            self.loss_count += int(known.sum()) if n else 0
+            return
         if int(y.max()) >= output.shape[1]:  # labels the head cannot output yet
             keep = y < output.shape[1]
             output, y = output[keep], y[keep]
@@ -179,7 +188,7 @@ class Trainer:
         self.mb_history: Batch | None = None
         self.mb_output: Any = None
         self.loss: torch.Tensor | None = None
-        self.loss_terms: dict[str, torch.Tensor] = {}  # named terms of the last criterion() (summed into loss)
+        self._loss_terms: dict[str, torch.Tensor] | torch.Tensor = {}
         self.is_training = False
         self.current_eval_stream: Any = None
         self._stop_training = False
@@ -194,6 +203,8 @@ class Trainer:
             name: [getattr(p, name) for p in self.plugins if overrides(p, name)] for name in ALL_CALLBACKS
         }
         self.consumes_history = any(getattr(p, "consumes_history", False) for p in self.plugins)
+        self._loss_before_criterion = any(self._callbacks[name] for name in
+                                          ("before_training_iteration", "before_forward", "after_forward"))
         # A plugin that averages gradients over ranks itself (gradient mixing: one flat all-reduce per
         # gradient) must not get DDP's all-reduce on top of it.
         self.plugin_averages_gradients = any(getattr(p, "averages_gradients", False) for p in self.plugins)
@@ -241,11 +252,21 @@ class Trainer:
         four losses, one per task); they are summed here and kept in ``loss_terms`` for plugins that
         weight them (dynamic loss weighting)."""
         loss = self._criterion(self.mb_output, self.mb_y)
-        if isinstance(loss, Mapping):
-            self.loss_terms = dict(loss)
-            return sum(self.loss_terms.values())  # type: ignore[return-value]
-        self.loss_terms = {"loss": loss}
-        return loss
+        if isinstance(loss, torch.Tensor):
+            self._loss_terms = loss  # the one term, made a dict only if someone asks
+            return loss
+        self._loss_terms = dict(loss)
+        return sum(self._loss_terms.values())  # type: ignore[return-value]
+
+    @property
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        """Named terms of the last ``criterion()`` (their sum is what it added to ``loss``)."""
+        terms = self._loss_terms
+        return {"loss": terms} if isinstance(terms, torch.Tensor) else terms
+
+    @loss_terms.setter
+    def loss_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        self._loss_terms = terms
 
     def backward(self) -> None:
         # With uneven shards (an epoch's last minibatch) each rank's mean loss is re-weighted so that
@@ -258,6 +279,11 @@ class Trainer:
 
     def stop_training(self) -> None:
         self._stop_training = True
+
+    def _autocast(self) -> Any:
+        """bfloat16 autocast on GPUs with ``amp``; a no-op context otherwise (entering a disabled
+        ``torch.autocast`` still costs a few microseconds per step)."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else _NO_CONTEXT
 
     def _make_empty_loss(self) -> torch.Tensor:
         return torch.zeros(1, device=self.device)
@@ -411,17 +437,18 @@ class Trainer:
             self._fire("before_training_iteration", **kwargs)
 
             self.optimizer.zero_grad()
-            self.loss = empty = self._make_empty_loss()
+            # Avalanche computes ``loss = zeros(1)``, plugins may add to it before the forward pass, then
+            # ``loss += criterion``. When no plugin can have touched it (none listens before the
+            # criterion) or none did (the empty loss's version counter is unchanged), the sum is the
+            # criterion itself: taking it directly saves an allocation and an autograd node per step.
+            empty = self._make_empty_loss() if self._loss_before_criterion else None
+            self.loss = empty
 
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            with self._autocast():
                 self._fire("before_forward", **kwargs)
                 self.mb_output = self.forward()
                 self._fire("after_forward", **kwargs)
-
-                # Avalanche computes ``zeros(1) + criterion``; when no plugin touched the empty loss (no
-                # reassignment, no in-place add: the version counter is unchanged) the sum is the
-                # criterion itself, and taking it directly saves an allocation and an autograd node.
-                if self.loss is empty and empty._version == 0:
+                if self.loss is empty and (empty is None or empty._version == 0):
                     self.loss = self.criterion()
                 else:
                     self.loss += self.criterion()
@@ -476,7 +503,7 @@ class Trainer:
                 self.mbatch = move_to(batch, self.device) if self._move else batch
                 self._fire("before_eval_iteration", **kwargs)
                 self._fire("before_eval_forward", **kwargs)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                with self._autocast():
                     self.mb_output = self.forward()
                 self._fire("after_eval_forward", **kwargs)
                 accumulator.update(self.mb_output, self.mb_y)
@@ -496,6 +523,10 @@ class Trainer:
         dataset = self.adapted_dataset
         samples = in_memory(dataset)
         if samples is not None:
+            if not shard and isinstance(samples, TensorSamples):  # in order: slices are views, no copy
+                for start in range(0, len(samples), self.eval_mb_size):
+                    yield samples.slice(start, start + self.eval_mb_size)
+                return
             for global_idx in batch_indices(len(samples), self.eval_mb_size, None, shuffle=False):
                 idx = self.sharder.shard(global_idx) if shard else global_idx
                 if len(idx):
@@ -533,6 +564,9 @@ class Trainer:
         self.clock.load_state_dict(state["clock"])
         self.generator.set_state(state["generator"])
         restore_rng_state(state["rng"])
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def capture_rng_state() -> dict[str, Any]:

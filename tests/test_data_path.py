@@ -95,7 +95,7 @@ def _final_state(dataset, **kwargs) -> tuple[dict[int, dict], dict[str, torch.Te
 def test_same_seed_same_numbers_on_both_paths_and_with_workers():
     source = _source()
     scale = v2.ToDtype(torch.float32, scale=True)
-    fast = TensorSamples(source.x.float() / 255, source.targets)
+    fast = TensorSamples(scale(source.x), source.targets)  # the same transform, applied once to the whole array
     lazy = TransformedSubset(source, torch.arange(len(source)), scale, scale)
     results_fast, state_fast = _final_state(fast)
     results_lazy, state_lazy = _final_state(lazy)
