@@ -79,3 +79,16 @@ def test_new_class_variant_splits_old_and_new(tmp_path):
     assert r["feedback_counts"]["images"] == 4 and r["feedback_counts"]["unlabelled_old_class_boxes"] > 0
     assert set(r["adaptation"]["pseudo_label_distillation"]) == {"pseudo_labels_per_image", "mean_distillation_loss"}
     assert set(r["per_class"]["transfer"]["after"]) == {"circle", "square", "triangle", "star", "cross"}
+
+
+def test_all_three_plugins_stack_on_one_detector(tmp_path):
+    """The showcase config: every plugin runs in the one adaptation loop and reports its own numbers."""
+    code = main(["run", "configs/detection_all_three.yaml", "--out", str(tmp_path / "all"), *TINY, *HISTORY])
+    assert code == 0
+    r = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert r["strategy"] == "pseudo_label_distillation+dynamic_loss_weighting+gradient_mixing"
+    adaptation = r["adaptation"]
+    assert set(adaptation["pseudo_label_distillation"]) == {"pseudo_labels_per_image", "mean_distillation_loss"}
+    assert set(adaptation["loss_weights"]) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert adaptation["gradient_mixing"]["iterations"] == adaptation["steps"] == 2
+    assert set(r["ap_transfer"]["after"]) >= {"AP_old", "AP_new"}
