@@ -35,7 +35,9 @@ def add_parser(sub: Any) -> None:
     # smaller learning rate and batch than a digits classifier).
     p.add_argument("--strategy", help="classifiers: replay (default when there are exemplars: the package's or "
                                       "--old-data), gradient_mixing, lwf (default without exemplars), naive; "
-                                      "detectors / panoptic: pseudo_distill (default), pseudo_labels, distillation, naive")
+                                      "detectors / panoptic: pseudo_distill (default), pseudo_labels, distillation, naive; "
+                                      "the config names finetune (= naive) and pseudo_label_distillation "
+                                      "(= pseudo_distill) are accepted")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
@@ -56,9 +58,20 @@ def option_value(options: Any, name: str, defaults: dict[str, Any]) -> Any:
     return defaults[name] if value is None else value
 
 
+# The names `incremental run` configs use for the same ideas (issue 15: one name per idea in every
+# family): fine-tuning is `naive` everywhere, and the plugin that does pseudo labels + distillation is
+# the detector / panoptic updaters' `pseudo_distill`.
+STRATEGY_ALIASES = {"finetune": "naive", "pseudo_label_distillation": "pseudo_distill"}
+
+
+def canonical_strategy(name: str | None) -> str | None:
+    """``--strategy`` as the updaters know it (config and plugin names accepted too)."""
+    return STRATEGY_ALIASES.get(name, name) if name is not None else None
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """The user's choices; None where a flag was not given (the updater's default applies)."""
-    return {"strategy": args.strategy, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+    return {"strategy": canonical_strategy(args.strategy), "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
             "mem_size": args.mem_size, "holdout": args.holdout, "seed": args.seed, "old_data": args.old_data,
             "progress": not args.quiet and sys.stderr.isatty()}
 

@@ -170,3 +170,22 @@ def test_image_folder_with_an_unreadable_image_names_the_file(tmp_path, package,
 def test_update_without_arguments_explains(capsys):
     code, cap = run(["update"], capsys)
     assert code == 2 and "--model" in cap.err
+
+
+def test_config_names_of_strategies_are_accepted(tmp_path, package, digits, capsys):
+    """`--strategy finetune` (the config name) is `naive`; unknown names are still refused."""
+    from incremental.update import canonical_strategy
+
+    assert canonical_strategy("finetune") == "naive"
+    assert canonical_strategy("pseudo_label_distillation") == "pseudo_distill"
+    assert canonical_strategy("replay") == "replay" and canonical_strategy(None) is None
+    x, y = digits
+    sel = (y >= 1) & (y <= 3)
+    data = write_npz(tmp_path / "new.npz", x[sel], y[sel] - 1, ["one", "two", "three"])
+    out = tmp_path / "ft"
+    code, cap = run(["update", "--model", str(package), "--data", str(data), "--out", str(out), "--quiet",
+                     "--epochs", "1", "--strategy", "finetune"], capsys)
+    assert code == 0, cap.err
+    assert json.loads((out / "report.json").read_text())["strategy"] == "naive"
+    _assert_refused(capsys, ["update", "--model", str(package), "--data", str(data), "--out", str(tmp_path / "x"),
+                             "--quiet", "--strategy", "magic"], tmp_path / "x", "magic")
