@@ -10,6 +10,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from .config import check
 from .data import Batch, ListSamples, SampleSet, samples_from_state, samples_to_state
 
 
@@ -122,8 +123,10 @@ class HistoryLibrary:
     """Fixed-capacity store of past samples with a pluggable storage policy and its own RNG."""
 
     def __init__(self, capacity: int, policy: StoragePolicy | str = "reservoir", seed: int = 0) -> None:
-        if capacity < 0:
-            raise ValueError(f"history library capacity must be >= 0, got {capacity}")
+        check(isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 0, "capacity",
+              f"must be an integer >= 0, got {capacity!r}")
+        check(not isinstance(policy, str) or policy in STORAGE_POLICIES, "policy",
+              f"unknown storage policy {policy!r}; known: {', '.join(sorted(STORAGE_POLICIES))}")
         self.capacity = int(capacity)
         self.policy: StoragePolicy = make_policy(policy) if isinstance(policy, str) else policy
         self.samples: SampleSet | None = None

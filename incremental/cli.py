@@ -1,6 +1,10 @@
 """The ``incremental`` command: ``run`` scenario configs, ``update`` deployed models, ``feedback``.
 
-Exit codes: 0 success, 2 bad input (config, data or model file), 1 anything unexpected.
+Exit codes: 0 success; 2 bad input (config, data or model file, an output that exists or that another
+process is writing), nothing written; 3 training diverged (non-finite loss: the last good checkpoint
+is kept, no model package is written); 1 an output could not be written (disk full, permissions: the
+previous version stays) or anything unexpected; 130 / 143 interrupted by Ctrl-C / SIGTERM (a run
+continues with ``--resume``). Every ending but 0 prints one line on stderr.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -16,6 +21,10 @@ from typing import Any, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, apply_overrides, from_dict, load_yaml
+from .guards import DivergedError
+from .interrupts import exit_code, signals_as_exceptions
+from .io import WriteError
+from .locking import OutputBusyError, OutputLock
 
 #: Extra subcommands contributed by feature modules: name -> module with add_parser(sub) and main(args).
 SUBCOMMANDS: dict[str, str] = {
@@ -96,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     run.add_argument("--force", action="store_true", help="overwrite an existing results.json")
     run.add_argument("--quiet", action="store_true", help="no progress bars or tables")
-    run.set_defaults(handler=cmd_run)
+    run.set_defaults(handler=cmd_run, output_arg="out")
     for name, module_name in SUBCOMMANDS.items():
         try:
             module = importlib.import_module(module_name)
@@ -109,16 +118,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except (ConfigError, UsageError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with signals_as_exceptions():
+        try:
+            with _output_lock(args):
+                return int(args.handler(args) or 0)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (incremental.interrupts)
+            print(_interrupted_message(args, argv), file=sys.stderr)
+            return exit_code(exc)
+        except DivergedError as exc:
+            print(f"error: {exc}; no model package was written", file=sys.stderr)
+            return 3
+        except (ConfigError, UsageError, CheckpointError, OutputBusyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except WriteError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # an input that cannot be read (missing file, no permission)
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+
+def _output_lock(args: argparse.Namespace) -> Any:
+    """The lock of the command's output (``output_arg`` names it), held for the command's whole life.
+
+    In a data-parallel run every rank runs this command; rank 0 holds the lock for all of them.
+    """
+    import contextlib
+
+    output = getattr(args, getattr(args, "output_arg", "") or "", None)
+    if output is None or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return OutputLock(output)
+
+
+def _interrupted_message(args: argparse.Namespace, argv: list[str]) -> str:
+    """One line: where a run stopped and the command that continues it; other commands wrote nothing."""
+    if getattr(args, "command", None) != "run":
+        return "interrupted; nothing was written"
+    done = sorted(Path(args.out).glob("checkpoints/exp_*.json"))
+    k = int(done[-1].stem.split("_")[1]) if done else 0
+    again = shlex.join(["incremental", *[a for a in argv if a not in ("--force", "--resume")], "--resume"])
+    return f"interrupted during experience {k} ({k} done and checkpointed); `{again}` continues"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,8 @@ line naming the dotted key, raised as :class:`ConfigError` (the CLI turns it int
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +18,31 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float rule.
+
+    PyYAML implements YAML 1.1, where a float needs a dot: ``1e-3`` (how most people write a
+    learning rate) is read as the *string* ``'1e-3'``. YAML 1.2 reads ``1e-3``, ``5e2`` and ``.5`` as
+    numbers. Only the float rule changes; integers, booleans and the rest stay as PyYAML reads them.
+    """
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_YAML12_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9]+[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) if tag != _FLOAT_TAG else (tag, _YAML12_FLOAT) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, with YAML 1.2's float rule (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 class ConfigError(ValueError):
@@ -31,9 +58,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("", f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    except RecursionError:
+        raise ConfigError("", f"{path}: nested too deeply to be a config") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -49,8 +80,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = parse_yaml(raw)
+        except (yaml.YAMLError, RecursionError):
             raise ConfigError(key, f"cannot parse value {raw!r} as YAML") from None
         node = data
         parts = key.split(".")
@@ -106,12 +137,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(key, f"expected true or false, got {value!r}")
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # ``mem_size: 5e2`` is how people write 500
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:
+                raise ConfigError(key, f"{value} is out of range (64-bit integers)")
             return value
         raise ConfigError(key, f"expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise ConfigError(key, f"{value} is out of range") from None
+            if not math.isfinite(number):
+                raise ConfigError(key, f"expected a finite number, got {value!r}")
+            return number
         raise ConfigError(key, f"expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

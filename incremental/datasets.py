@@ -2,7 +2,9 @@
 
 ImageFolder (one sub-folder per class name) is read with torchvision's ``ImageFolder``; images are
 converted to the model's input (channels, size) and scaled to [0, 1], the way the model was trained.
-Every problem is a :class:`DataError` naming the file and what is wrong with it.
+Every problem is a :class:`DataError` naming the file and what is wrong with it: also a sample holding
+NaN or inf (named by its index), which would otherwise turn every weight of the updated model into NaN,
+and an ``.npz`` array of Python objects, which numpy refuses to read without unpickling.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .guards import first_non_finite
 
 
 class DataError(ValueError):
@@ -38,10 +42,11 @@ def load_image_folder(path: Path, channels: int, size: tuple[int, int], max_valu
     xs, ys = [], []
     for file, label in folder.samples:
         try:
-            image = folder.loader(file)
+            x = folder.transform(folder.loader(file))
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-            raise DataError(f"{file}: cannot be read as an image ({type(exc).__name__}: {exc})") from None
-        xs.append(folder.transform(image) * max_value)
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            raise DataError(f"{file}: cannot be read as an image ({type(exc).__name__}: {reason})") from None
+        xs.append(x * max_value)
         ys.append(label)
     return LabelledData(torch.stack(xs), torch.tensor(ys, dtype=torch.long), list(folder.classes), path)
 
@@ -50,23 +55,58 @@ def load_npz(path: Path) -> LabelledData:
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    for key in ("x", "y", "class_names"):
-        if key not in data.files:
-            raise DataError(f"{path}: missing array {key!r} (it has {', '.join(data.files) or 'nothing'})")
-    x, y, names = data["x"], data["y"], data["class_names"]
+        raise DataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: a single numpy array, not an .npz archive of x, y and class_names (numpy.savez)")
+    with data:
+        for key in ("x", "y", "class_names"):
+            if key not in data.files:
+                raise DataError(f"{path}: missing array {key!r} (it has {', '.join(data.files) or 'nothing'})")
+        x, y, names = (_npz_array(data, key, path) for key in ("x", "y", "class_names"))
+    if x.ndim == 0 or y.ndim != 1:
+        raise DataError(f"{path}: x must hold one row per sample and y one label per sample "
+                        f"(got shapes {x.shape} and {y.shape})")
     if len(x) != len(y):
         raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
-    if names.dtype.kind not in "US":
-        raise DataError(f"{path}: class_names must be strings, got dtype {names.dtype}")
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{path}: x must hold numbers, got dtype {x.dtype}")
+    if names.dtype.kind not in "US" or names.ndim != 1:
+        raise DataError(f"{path}: class_names must be a list of strings, got dtype {names.dtype} shape {names.shape}")
     if y.dtype.kind not in "iu":
         raise DataError(f"{path}: y must hold integer class indices, got dtype {y.dtype}")
     class_names = [str(n) for n in names.tolist()]
     if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
         raise DataError(f"{path}: y holds index {int(y.max() if y.max() >= len(class_names) else y.min())}, "
                         f"outside class_names (0..{len(class_names) - 1})")
-    return LabelledData(torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64)),
-                        class_names, path)
+    with np.errstate(over="ignore"):
+        x32 = np.asarray(x, dtype=np.float32)
+    return LabelledData(torch.from_numpy(x32), torch.from_numpy(y.astype(np.int64)), class_names, path)
+
+
+def _npz_array(data: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    try:
+        return data[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{path}: array {key!r} holds Python objects (dtype object), which are not read "
+                            "because loading them could run code; save numbers and strings") from None
+        raise DataError(f"{path}: array {key!r} cannot be read ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in zipfile, zlib or numpy
+        raise DataError(f"{path}: array {key!r} cannot be read ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def require_finite(x: np.ndarray | torch.Tensor, source: str | Path, name: str = "x") -> None:
+    """Refuse samples holding NaN or inf with one line naming the file and the first bad index."""
+    bad = first_non_finite(x)
+    if bad is not None:
+        index, value = bad
+        raise DataError(f"{source}: sample {name}[{index}] holds {value}; NaN and infinite values (also values "
+                        "too large for float32) are refused")
 
 
 def load_classification_data(path: str | Path, channels: int, size: tuple[int, int], max_value: float = 1.0) -> LabelledData:
@@ -77,6 +117,7 @@ def load_classification_data(path: str | Path, channels: int, size: tuple[int, i
     data = load_npz(path) if path.is_file() else load_image_folder(path, channels, size, max_value)
     if len(data.y) == 0:
         raise DataError(f"{path}: contains no samples")
+    require_finite(data.x, path)
     dupes = sorted({n for n in data.class_names if data.class_names.count(n) > 1})
     if dupes:
         raise DataError(f"{path}: class names appear more than once: {dupes}")

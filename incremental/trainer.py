@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist_utils
 from .buffer import HistoryLibrary
 from .data import Batch, SampleSet, as_samples, batch_indices, batch_size_of, concat_batches, move_to
+from .guards import LossGuard
 from .plugins import ALL_CALLBACKS, overrides
 
 
@@ -147,6 +148,7 @@ class Trainer:
         self.amp = bool(amp) and self.device.type == "cuda"
         self._ddp: nn.Module | None = None
         self._loss_weight = 1.0
+        self.loss_guard = LossGuard()  # NaN / inf loss -> NonFiniteLossError (see incremental/guards.py)
 
         # Strategy attributes plugins read (Avalanche's names).
         self.experience: Any = None
@@ -291,6 +293,7 @@ class Trainer:
             self.history.batches(self.history_mb_size, self.sharder) if self.history is not None and len(self.history) else None
         )
         self._fire("before_training_exp", **kwargs)
+        self.loss_guard.start(getattr(self.experience, "current_experience", self.clock.train_exp_counter))
         self.clock.train_exp_iterations = 0
         self.clock.train_exp_epochs = 0
 
@@ -376,6 +379,7 @@ class Trainer:
             self._fire("after_update", **kwargs)
 
             self._fire("after_training_iteration", **kwargs)
+            self.loss_guard.observe(self.loss, self.clock.train_exp_iterations)
             clock = self.clock
             clock.train_epoch_iterations += 1
             clock.train_exp_iterations += 1
@@ -385,6 +389,7 @@ class Trainer:
     def _after_training_exp(self, **kwargs: Any) -> None:
         # The library learns the experience before plugins see after_training_exp, so a plugin that
         # snapshots state there (a checkpoint, a copy of the old model) sees the updated library.
+        self.loss_guard.check()
         if self.history is not None:
             self.history.update(self.adapted_dataset, strategy=self)
         self._fire("after_training_exp", **kwargs)

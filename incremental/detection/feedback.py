@@ -376,7 +376,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--unknown-categories", choices=("error", "skip", "keep"), default="error",
                    help="boxes of categories the model does not know: error (default), skip (counted) or keep as new classes")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.set_defaults(handler=cmd_feedback)
+    p.set_defaults(handler=cmd_feedback, output_arg="out")  # one writer per --out (incremental.locking)
 
 
 def cmd_feedback(args: argparse.Namespace) -> int:

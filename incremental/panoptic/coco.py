@@ -24,9 +24,10 @@ import torch
 from PIL import Image
 
 from ..data import Batch, ListSamples
+from ..datasets import DataError
 
 
-class PanopticFormatError(ValueError):
+class PanopticFormatError(DataError):
     """A malformed panoptic file; the message names the file, image and segment."""
 
 
