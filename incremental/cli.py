@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, apply_overrides, from_dict, load_yaml
+from .config import InputError, apply_overrides, from_dict, load_yaml, one_line
 from .guards import DivergedError
 from .interrupts import exit_code, signals_as_exceptions
 from .io import WriteError
@@ -33,7 +33,7 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad input from the user (exit code 2)."""
 
 
@@ -54,9 +54,8 @@ def prepare_run(config_path: str, overrides: Sequence[str]) -> tuple[Any, Any, d
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .io import write_json
-
     from . import distributed as dist_utils
+    from .io import remove_partial_files, write_json
 
     runner, config, _ = prepare_run(args.config, args.set or [])
     out = Path(args.out)
@@ -70,6 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     main = dist_utils.is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "checkpoints"):  # what a killed run left half-written (we hold the lock)
+            remove_partial_files(folder)
     dist_utils.barrier()
     start = time.perf_counter()
     results = runner.run(config, out, progress=_progress_enabled(args.quiet) and main, resume=args.resume)
@@ -94,8 +95,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a command-line mistake reported like every other error: one line, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="incremental", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="incremental", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a scenario config (YAML) and write DIR/results.json")
     run.add_argument("config", help="path to a YAML config (see configs/)")
@@ -126,20 +134,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             with _output_lock(args):
                 return int(args.handler(args) or 0)
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (incremental.interrupts)
-            print(_interrupted_message(args, argv), file=sys.stderr)
+            print(one_line(_interrupted_message(args, argv)), file=sys.stderr)
             return exit_code(exc)
         except DivergedError as exc:
-            print(f"error: {exc}; no model package was written", file=sys.stderr)
-            return 3
-        except (ConfigError, UsageError, CheckpointError, OutputBusyError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return _fail(f"{exc}; no model package was written", 3)
+        except (InputError, CheckpointError, OutputBusyError) as exc:
+            return _fail(exc, 2)
         except WriteError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return _fail(exc, 1)
         except OSError as exc:  # an input that cannot be read (missing file, no permission)
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return _fail(exc, 2)
+
+
+def _fail(message: object, code: int) -> int:
+    print(f"error: {one_line(str(message))}", file=sys.stderr)
+    return code
 
 
 def _output_lock(args: argparse.Namespace) -> Any:

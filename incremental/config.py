@@ -45,7 +45,21 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
-class ConfigError(ValueError):
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (``\\n``): an error message
+    quotes file names, keys and values the user wrote, and must stay one line whatever they hold."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+class InputError(ValueError):
+    """Base of the project's bad-input errors (config, data, model package, command line): the message
+    is one line naming the file, key or value; the CLI prints it and exits with code 2."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(one_line(message))
+
+
+class ConfigError(InputError):
     """A bad configuration value; ``str(error)`` is one line naming the key."""
 
     def __init__(self, key: str, message: str) -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import InputError
 from .guards import first_non_finite
 
 
-class DataError(ValueError):
-    pass
+class DataError(InputError):
+    """A data file or directory that cannot be used; one line naming the file and what is wrong."""
 
 
 @dataclass

@@ -64,6 +64,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def remove_partial_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed mid-way (SIGKILL, power loss) left in ``folder``.
+
+    Only safe while this process holds the folder's output lock (no one else is writing there).
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _fault_point(stage: str) -> None:
     """Fault injection for the kill tests: ``INCREMENTAL_KILL_IN_WRITE=N:STAGE`` SIGKILLs the process at
     ``STAGE`` (``before_rename`` or ``after_rename``) of its N-th atomic write."""

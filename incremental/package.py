@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .config import InputError
 from .guards import NonFiniteWeightsError, first_non_finite_tensor
 from .io import save_torch
 
@@ -35,7 +36,7 @@ ARCHITECTURES: dict[str, str] = {
 }
 
 
-class PackageError(ValueError):
+class PackageError(InputError):
     """A file that is not a usable model package; the message names the file and the problem."""
 
 

@@ -48,7 +48,55 @@ class UpdateOptions:
 
 
 def input_spec(package: ModelPackage) -> dict[str, Any]:
-    return {**DEFAULT_INPUT, **package.extra.get("input", {})}
+    """The input format the model was trained on (``extra['input']``), checked: the package is input."""
+    given = package.extra.get("input") or {}
+    if not isinstance(given, dict):
+        raise PackageError(f"{package.path}: extra['input'] must be a dict, got {type(given).__name__}")
+    spec = {**DEFAULT_INPUT, **given}
+    channels, size, max_value = spec["channels"], spec["size"], spec["max_value"]
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise PackageError(f"{package.path}: extra['input']['channels'] must be 1 or 3, got {channels!r:.80}")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in size)):
+        raise PackageError(f"{package.path}: extra['input']['size'] must be [height, width] in 1..4096, got {size!r:.80}")
+    if not (isinstance(max_value, (int, float)) and not isinstance(max_value, bool) and 0 < max_value < 1e30):
+        raise PackageError(f"{package.path}: extra['input']['max_value'] must be a positive number, got {max_value!r:.80}")
+    if not isinstance(spec["flat"], bool):
+        raise PackageError(f"{package.path}: extra['input']['flat'] must be true or false, got {spec['flat']!r:.80}")
+    return spec
+
+
+def saved_history(package: ModelPackage, capacity: int, seed: int, spec: dict[str, Any]) -> HistoryLibrary:
+    """The package's exemplars as a history library, or a PackageError naming what is wrong with them
+    (they are rehearsed beside the new data, so they must have its shape and the model's labels)."""
+    saved = package.extra.get("history")
+    if not isinstance(saved, dict) or saved.get("samples") is None:
+        raise DataError(f"{package.path}: the package carries no exemplars to rehearse; "
+                        "use --strategy lwf (distillation, no old data needed) or naive")
+    try:
+        history = HistoryLibrary(capacity, saved.get("policy", "reservoir"), seed=seed)
+        history.load_state_dict(saved)
+        samples = history.samples
+        if not isinstance(samples, TensorSamples) or not isinstance(samples.y, torch.Tensor):
+            raise TypeError("not a tensor sample set")
+        channels, (height, width) = int(spec["channels"]), spec["size"]
+        shape = [channels * height * width] if spec["flat"] else [channels, height, width]
+        x, y = samples.x, samples.y
+        if not (x.is_floating_point() and list(x.shape[1:]) == shape):
+            raise ValueError(f"samples must be float tensors of shape (N, {', '.join(map(str, shape))}), "
+                             f"got {x.dtype} {list(x.shape)}")
+        if not (y.dim() == 1 and len(y) == len(x) and not y.is_floating_point()
+                and (not len(y) or 0 <= int(y.min()) <= int(y.max()) < len(package.class_names))):
+            raise ValueError("labels must be class indices of the package, one per sample")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("samples hold NaN or inf")
+        if not (len(samples.t) == len(samples.labels) == len(x)):
+            raise ValueError("task labels and class labels must have one entry per sample")
+    except Exception as exc:  # noqa: BLE001 - the exemplars come from the file
+        raise PackageError(f"{package.path}: the exemplars in extra['history'] are unusable "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    history.capacity = capacity
+    return history
 
 
 def to_model_input(data: LabelledData, spec: dict[str, Any]) -> torch.Tensor:
@@ -133,13 +181,7 @@ def update(package: ModelPackage, data_path: str | Path, out_dir: Path, options:
         old_eval_x, old_eval_y = to_model_input(old, spec), lookup[old.y]
     history = None
     if options.strategy in ("replay", "gradient_mixing"):
-        saved = package.extra.get("history")
-        if not saved or saved.get("samples") is None:
-            raise DataError(f"{package.path}: the package carries no exemplars to rehearse; "
-                            "use --strategy lwf (distillation, no old data needed) or naive")
-        history = HistoryLibrary(options.mem_size, saved.get("policy", "reservoir"), seed=options.seed)
-        history.load_state_dict(saved)
-        history.capacity = options.mem_size
+        history = saved_history(package, options.mem_size, options.seed, spec)
 
     seed_everything(options.seed)
     train_idx, held_idx = stratified_holdout(y, options.holdout, options.seed)

@@ -39,7 +39,7 @@ import torch
 from torchvision.ops import box_iou
 
 from ..io import write_json
-from .coco import CocoFormatError, check_instances, image_size_of, load_json, xywh_to_xyxy_checked
+from .coco import CocoFormatError, check_instances, check_results, image_size_of, load_json, xywh_to_xyxy_checked
 
 CATEGORIES = ("correct", "missed", "false_detection")
 
@@ -397,6 +397,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         verified = load_json(args.verified)
         predictions = load_json(args.predictions)
         check_instances(verified, str(args.verified))
+        check_results(predictions, str(args.predictions))
         files = {int(im["id"]): images_dir / str(im.get("file_name", "")) for im in verified["images"]}
         for image_id, path in files.items():
             if not path.is_file():
