@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from .fuzz_boundaries import BOUNDARIES, INPUT_ERRORS, Boundary, assets
 from .reliability_helpers import run_main, snapshot
 
-FAST_EXAMPLES = 12
+FAST_EXAMPLES = 8
 COMMON = dict(deadline=None, database=None, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 OUTCOMES: dict[str, Counter] = defaultdict(Counter)

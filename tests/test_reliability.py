@@ -108,9 +108,11 @@ def test_a_lock_file_left_by_a_killed_process_is_taken_over(tmp_path):
 
 
 HOLD = """
-import sys, time
-from incremental.locking import OutputLock
-with OutputLock(sys.argv[1]):
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("locking", sys.argv[2])  # without importing torch
+locking = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(locking)
+with locking.OutputLock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
 """
@@ -119,8 +121,8 @@ with OutputLock(sys.argv[1]):
 @pytest.fixture()
 def held_by_other_process(tmp_path):
     def hold(output):
-        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(output)], stdout=subprocess.PIPE, text=True,
-                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(output), str(ROOT / "incremental" / "locking.py")],
+                                stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "held"
         procs.append(proc)
         return proc.pid
