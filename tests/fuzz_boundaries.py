@@ -267,7 +267,7 @@ def mutate_npz(data: Any, path: Path) -> None:
         elif op == "replace" or key not in arrays:
             arrays[key] = _random_array(data)
         elif op == "reshape":
-            arrays[key] = arrays[key].reshape(-1) if arrays[key].ndim > 1 else arrays[key][:, None]
+            arrays[key] = arrays[key].reshape(-1) if arrays[key].ndim > 1 else arrays[key].reshape(-1, 1)
         elif arrays[key].size and arrays[key].ndim and arrays[key].dtype.kind in "biufUS":
             flat = arrays[key].reshape(-1).copy()
             at = data.draw(st.integers(0, flat.size - 1), label="index")
