@@ -98,7 +98,10 @@ def part_feedback(seed: int, args: argparse.Namespace, cache: Path) -> dict[str,
         for name in args.strategies:
             base, lr = parse_strategy(name)
             adapt_cfg = cfg.adapt if lr is None else dataclasses.replace(cfg.adapt, lr=lr)
-            c = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, name=base), adapt=adapt_cfg)
+            plugins = [] if base == "finetune" else [{"name": base}]
+            history = dataclasses.replace(cfg.strategy.history, mem_size=cfg.strategy.history.mem_size if plugins else 0)
+            c = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, plugins=plugins, history=history),
+                                    adapt=adapt_cfg)
             t = time.perf_counter()
             model, info = R.adapt(c, meta, feedback, scenes)
             wall = time.perf_counter() - t
@@ -126,9 +129,10 @@ def part_new_classes(seed: int, args: argparse.Namespace, cache: Path) -> dict[s
     for name in args.new_class_methods:
         base, lam = parse_label(name, list(NEW_CLASS_BASE), "lambda")
         pseudo, distill = NEW_CLASS_BASE[base]
-        c = dataclasses.replace(cfg, strategy=dataclasses.replace(
-            cfg.strategy, name="finetune", pseudo_labels=pseudo, distillation=distill,
-            lambda_distill=cfg.strategy.lambda_distill if lam is None else lam))
+        entry = {"name": "pseudo_label_distillation", "pseudo_labels": pseudo, "distillation": distill,
+                 **({} if lam is None else {"lambda_distill": lam})}
+        plugins = [entry] if pseudo or distill else []
+        c = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, plugins=plugins))
         t = time.perf_counter()
         model, info = R.adapt(c, meta, data, scenes)
         wall = time.perf_counter() - t

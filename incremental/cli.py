@@ -49,6 +49,11 @@ def prepare_run(config_path: str, overrides: Sequence[str]) -> tuple[Any, Any, d
     scenario = raw.get("scenario", {})
     name = scenario.get("name") if isinstance(scenario, dict) else None
     runner = runner_for(name)
+    legacy = getattr(runner, "legacy", None)
+    if legacy is not None and "strategy" in raw:  # old strategy names, kept for one release
+        from .runners.base import legacy_strategy
+
+        raw["strategy"] = legacy_strategy(raw["strategy"], legacy)
     config = from_dict(runner.Config, raw)
     return runner, config, raw
 
@@ -67,11 +72,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         train_cfg = getattr(config, "train", None)
         dist_utils.init_distributed(getattr(train_cfg, "device", "auto"))
     main = dist_utils.is_main_process()
+    # The output folder is made by the first file written into it: a run refused while its data and
+    # model are built (bad data, a class order the data lack) leaves nothing behind.
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         for folder in (out, out / "checkpoints"):  # what a killed run left half-written (we hold the lock)
             remove_partial_files(folder)
-    dist_utils.barrier()
     start = time.perf_counter()
     results = runner.run(config, out, progress=_progress_enabled(args.quiet) and main, resume=args.resume)
     report = results.pop("report", None)

@@ -56,7 +56,18 @@ class InputError(ValueError):
     is one line naming the file, key or value; the CLI prints it and exits with code 2."""
 
     def __init__(self, message: str = "") -> None:
-        super().__init__(one_line(message))
+        super().__init__(one_line(_unwrap_worker_message(str(message))))
+
+
+def _unwrap_worker_message(text: str) -> str:
+    """A DataLoader re-raises a worker's error as ``type(error)(message)`` where the message holds the
+    worker's traceback; the user-facing message is its last line, after the exception's name."""
+    if "Traceback (most recent call last)" not in text:
+        return text
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else text
+    name, sep, rest = last.partition(": ")
+    return rest if sep and name.rsplit(".", 1)[-1].endswith("Error") else last
 
 
 class ConfigError(InputError):
@@ -215,3 +226,9 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise a one-line :class:`ConfigError` for ``key`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(key, message)
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check and convert one value against a type hint, as config loading does for every key
+    (used for options that are not dataclass fields: plugin options in ``strategy.plugins``)."""
+    return _coerce(value, tp, key)

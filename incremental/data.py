@@ -1,10 +1,14 @@
 """Samples, experiences and streams.
 
-The loop never indexes samples one at a time on the fast path: per-sample ``__getitem__`` plus
-collation is what makes Avalanche's loop 3-4x slower than a plain PyTorch loop on small data (see
-``benchmarks/loop_overhead.py``). Tensor-shaped data lives in :class:`TensorSamples` and a minibatch is
-one fancy-index per tensor. Data that is not tensor-shaped (detection images with target dicts,
-panoptic targets) lives in :class:`ListSamples` and is collated with the data set's own ``collate_fn``.
+Two paths feed the loop. Any map-style ``Dataset`` (ours, Avalanche's, a user's) goes through a real
+``DataLoader``: samples are read and transformed one at a time when they are needed, in worker
+processes, with random augmentation drawn anew every epoch (:class:`TransformedSubset`,
+:class:`EpochBatchSampler`, :func:`make_loader`). Small data already in memory with no per-sample
+transform takes the fast path: per-sample ``__getitem__`` plus collation is what makes Avalanche's loop
+3-4x slower than a plain PyTorch loop on small data (``benchmarks/loop_overhead.py``), so
+:class:`TensorSamples` holds stacked tensors and a minibatch is one fancy-index per tensor. Data that
+is not tensor-shaped (detection images with target dicts, panoptic targets) lives in
+:class:`ListSamples` and is collated with the data set's own ``collate_fn``.
 
 Both are real ``torch.utils.data.Dataset`` objects yielding ``(x, y, t)`` so that code written for
 Avalanche (EWC's importance pass, LwF) can iterate them with a plain ``DataLoader``.
@@ -215,42 +219,158 @@ def _is_tensor_like(value: Any) -> bool:
     )
 
 
-_materialized: dict[int, tuple[Any, SampleSet]] = {}
+def in_memory(dataset: Any) -> SampleSet | None:
+    """The dataset itself when it is one of the in-memory sample sets (the fast path), else None."""
+    return dataset if isinstance(dataset, (TensorSamples, ListSamples)) else None
 
 
-def as_samples(dataset: Any, batch_size: int = 1024) -> SampleSet:
-    """Our sample set for any dataset: ours as is, anything else (an Avalanche dataset) read once.
+def train_view(dataset: Any) -> Any:
+    """The dataset with its training transforms (Avalanche datasets and ours have ``.train()``)."""
+    view = getattr(dataset, "train", None)
+    return view() if callable(view) and not isinstance(dataset, (TensorSamples, ListSamples)) else dataset
 
-    Reading an Avalanche dataset through a ``DataLoader`` once and stacking it keeps its transforms
-    (they run in ``__getitem__``) and makes every later epoch a tensor slice. Results are cached per
-    dataset object, so evaluating the same stream after every experience reads it only once.
+
+def eval_view(dataset: Any) -> Any:
+    """The dataset with its evaluation transforms (no random augmentation)."""
+    view = getattr(dataset, "eval", None)
+    return view() if callable(view) and not isinstance(dataset, (TensorSamples, ListSamples)) else dataset
+
+
+def dataset_labels(dataset: Any) -> torch.Tensor:
+    """Class label of every sample, without reading the samples when the dataset knows them.
+
+    Ours and Avalanche's datasets carry ``targets``; for any other dataset each sample is read once.
+    """
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        return labels.long()
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        if isinstance(targets, LabelColumn):
+            return targets.tensor.long()
+        if isinstance(targets, torch.Tensor):
+            return targets.long()
+        try:
+            return torch.as_tensor([int(v) for v in targets], dtype=torch.long)
+        except (TypeError, ValueError):
+            pass
+    values = []
+    for i in range(len(dataset)):
+        y = dataset[i][1]
+        values.append(int(y) if isinstance(y, (int, torch.Tensor)) and torch.as_tensor(y).numel() == 1 else 0)
+    return torch.tensor(values, dtype=torch.long)
+
+
+class TransformedSubset(Dataset):
+    """Samples ``indices`` of a source, with a per-sample transform applied in ``__getitem__``.
+
+    The source gives ``(raw sample, label)``; this view applies ``train_transform`` (random
+    augmentation: different every epoch) or ``eval_transform``, and adds the task label. Nothing is
+    read before a sample is asked for. ``raw_samples`` gives samples as the source has them, which is
+    what the history library stores (it replays them through ``train_transform``).
+    """
+
+    def __init__(self, source: Any, indices: torch.Tensor, train_transform: Callable | None = None,
+                 eval_transform: Callable | None = None, task_label: int = 0, training: bool = True) -> None:
+        self.source = source
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.task_label = int(task_label)
+        self.training = training
+        self.labels = dataset_labels(source)[self.indices]
+
+    @property
+    def transform(self) -> Callable | None:
+        return self.train_transform if self.training else self.eval_transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        raw, y = self.source[int(self.indices[i])]
+        transform = self.transform
+        return (transform(raw) if transform is not None else raw), y, self.task_label
+
+    def _view(self, training: bool) -> "TransformedSubset":
+        view = TransformedSubset.__new__(TransformedSubset)
+        view.__dict__.update(self.__dict__)
+        view.training = training
+        return view
+
+    def train(self) -> "TransformedSubset":
+        return self if self.training else self._view(True)
+
+    def eval(self) -> "TransformedSubset":
+        return self._view(False) if self.training else self
+
+    @property
+    def targets(self) -> LabelColumn:
+        return LabelColumn(self.labels)
+
+    @property
+    def targets_task_labels(self) -> LabelColumn:
+        return LabelColumn(torch.full((len(self),), self.task_label, dtype=torch.long))
+
+    @property
+    def task_set(self) -> _TaskSet:
+        return _TaskSet(self)
+
+    def subset(self, idx: torch.Tensor) -> "TransformedSubset":
+        view = self._view(self.training)
+        view.indices = self.indices[idx]
+        view.labels = self.labels[idx]
+        return view
+
+    def raw_samples(self, idx: torch.Tensor) -> TensorSamples:
+        """Samples ``idx`` as the source has them (no transform), stacked: what the library keeps."""
+        items = [self.source[int(self.indices[i])] for i in idx.tolist()]
+        x = torch.stack([torch.as_tensor(raw) for raw, _ in items]) if items else torch.zeros(0)
+        y = torch.tensor([int(label) for _, label in items], dtype=torch.long)
+        return TensorSamples(x, y, torch.full((len(items),), self.task_label, dtype=torch.long))
+
+
+def stored_samples(dataset: Any, idx: torch.Tensor) -> SampleSet:
+    """Samples ``idx`` of ``dataset`` in the form the history library keeps them (reads only those).
+
+    Untransformed when the dataset can give raw samples; otherwise as the dataset gives them (an
+    Avalanche dataset applies its own transforms).
     """
     if isinstance(dataset, (TensorSamples, ListSamples)):
-        return dataset
-    key = id(dataset)
-    cached = _materialized.get(key)
-    if cached is not None and cached[0] is dataset:
-        return cached[1]
-    first = dataset[0]
-    result: SampleSet | None = None
-    if _is_tensor_like(first[0]) and (_is_tensor_like(first[1]) or isinstance(first[1], int)):
+        return dataset.subset(idx)
+    raw = getattr(dataset, "raw_samples", None)
+    if callable(raw):
+        return raw(idx)
+    items = [tuple(dataset[int(i)]) for i in idx.tolist()]
+    items = [(s[0], s[1], int(s[-1]) if len(s) > 2 else 0) for s in items]
+    labels = dataset_labels(dataset)[idx] if len(idx) else torch.zeros(0, dtype=torch.long)
+    if items and all(_is_tensor_like(s[0]) for s in items):
         try:
-            result = _stack_dataset(dataset, batch_size)
-        except RuntimeError:  # per-sample shapes differ (detection boxes, panoptic masks): keep a list
-            result = None
-    if result is None:
-        samples = [tuple(dataset[i]) for i in range(len(dataset))]
-        samples = [(s[0], s[1], int(s[-1]) if len(s) > 2 else 0) for s in samples]
-        targets = getattr(dataset, "targets", None)
-        labels = None
-        if targets is not None:
-            values = list(targets)
-            if all(isinstance(v, (int, torch.Tensor)) and torch.as_tensor(v).numel() == 1 for v in values):
-                labels = torch.as_tensor([int(v) for v in values])
-        # Avalanche's detection datasets collate into tuples; the loop's batches are [xs, ys, t] lists.
-        result = ListSamples(samples, labels, None)
-    _materialized[key] = (dataset, result)
-    return result
+            x = torch.stack([torch.as_tensor(s[0]) for s in items])
+            y = torch.stack([torch.as_tensor(s[1]) for s in items])
+            return TensorSamples(x, y, torch.tensor([s[2] for s in items]), labels)
+        except RuntimeError:  # per-sample shapes differ (detection targets): keep a list
+            pass
+    return ListSamples(items, labels, getattr(dataset, "collate_fn", None))
+
+
+def samples_nbytes(samples: SampleSet | None) -> int:
+    """Bytes held by a sample set's tensors (what the history library costs in memory)."""
+    if samples is None:
+        return 0
+
+    def size(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
+        return 0
+
+    if isinstance(samples, TensorSamples):
+        return size(samples.x) + size(samples.y) + size(samples.t) + size(samples.labels)
+    return size(samples.samples) + size(samples.labels)
 
 
 def batch_indices(
@@ -269,15 +389,62 @@ def batch_indices(
         yield idx
 
 
-def _stack_dataset(dataset: Any, batch_size: int) -> TensorSamples:
-    """Read a dataset of equal-shape tensors once through a DataLoader and stack it."""
-    xs, ys, ts = [], [], []
-    collate = getattr(dataset, "collate_fn", None)
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
-        xs.append(batch[0])
-        ys.append(torch.as_tensor(batch[1]) if not isinstance(batch[1], dict) else batch[1])
-        ts.append(torch.as_tensor(batch[-1]) if len(batch) > 2 else torch.zeros(len(batch[0]), dtype=torch.long))
-    return TensorSamples(torch.cat(xs), _cat(ys), torch.cat(ts))
+class EpochBatchSampler:
+    """Index lists of one pass over ``n`` samples, drawn like :func:`batch_indices` (same generator,
+    same order), as a ``DataLoader`` batch sampler. A fresh permutation is drawn at every ``iter``,
+    in the main process, so the order depends only on the loop's seed whatever ``num_workers`` is.
+    With a data-parallel ``sharder`` each rank gets its share of every global minibatch."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator | None, shuffle: bool,
+                 drop_smaller_than: int = 1, sharder: Any = None) -> None:
+        self.n, self.batch_size, self.generator, self.shuffle = n, batch_size, generator, shuffle
+        self.drop_smaller_than = drop_smaller_than
+        self.sharder = sharder if sharder is not None and sharder.active else None
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for idx in batch_indices(self.n, self.batch_size, self.generator, self.shuffle, self.drop_smaller_than):
+            share = (self.sharder.shard(idx) if self.sharder is not None else idx).tolist()
+            if share:  # a rank's share of a small evaluation minibatch can be empty
+                yield share
+
+    def __len__(self) -> int:
+        return len(global_batch_sizes(self.n, self.batch_size, self.drop_smaller_than))
+
+
+def global_batch_sizes(n: int, batch_size: int, drop_smaller_than: int = 1) -> list[int]:
+    """Sizes of the global minibatches of one pass (the last may be smaller, or dropped)."""
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    return [s for s in sizes if s >= drop_smaller_than]
+
+
+def collate_triplets(items: list[Any]) -> Batch:
+    """``[x, y, t]`` from ``(x, y[, t])`` items (torch's default collation, task label 0 when absent)."""
+    from torch.utils.data import default_collate
+
+    batch = list(default_collate(items))
+    if len(batch) == 2:
+        batch.append(torch.zeros(len(items), dtype=torch.long))
+    return batch
+
+
+def make_loader(dataset: Any, batch_sampler: EpochBatchSampler, *, num_workers: int = 0,
+                pin_memory: bool = False, persistent_workers: bool = False, seed: int = 0) -> DataLoader:
+    """A DataLoader over any map-style dataset: per-sample reads and transforms in ``num_workers``
+    processes. ``seed`` seeds the workers' RNGs (random augmentation), so a run is reproducible."""
+    collate = getattr(dataset, "collate_fn", None) or collate_triplets
+    return DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
+        pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
+        generator=torch.Generator().manual_seed(int(seed) % (2**63)),
+    )
+
+
+def as_batch(batch: Any) -> Batch:
+    """A loader's minibatch as the loop's ``[x, y, t]`` list (Avalanche collates some into tuples)."""
+    batch = list(batch)
+    if len(batch) == 2:
+        batch.append(torch.zeros(batch_size_of(batch), dtype=torch.long))
+    return batch
 
 
 def iterate_batches(

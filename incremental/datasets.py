@@ -52,18 +52,24 @@ def load_image_folder(path: Path, channels: int, size: tuple[int, int], max_valu
     return LabelledData(torch.stack(xs), torch.tensor(ys, dtype=torch.long), list(folder.classes), path)
 
 
-def load_npz(path: Path) -> LabelledData:
+def read_npz_arrays(path: Path, require_class_names: bool = True) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """``x``, ``y`` (integer class indices) and ``class_names`` of an ``.npz`` file, checked.
+
+    Pickled object arrays are refused (``allow_pickle=False``): loading never runs code from the file.
+    """
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: a single numpy array, not an .npz archive of x, y and class_names (numpy.savez)")
+    required = ("x", "y", "class_names") if require_class_names else ("x", "y")
     with data:
-        for key in ("x", "y", "class_names"):
+        for key in required:
             if key not in data.files:
                 raise DataError(f"{path}: missing array {key!r} (it has {', '.join(data.files) or 'nothing'})")
-        x, y, names = (_npz_array(data, key, path) for key in ("x", "y", "class_names"))
+        x, y = _npz_array(data, "x", path), _npz_array(data, "y", path)
+        names = _npz_array(data, "class_names", path) if "class_names" in data.files else None
     if x.ndim == 0 or y.ndim != 1:
         raise DataError(f"{path}: x must hold one row per sample and y one label per sample "
                         f"(got shapes {x.shape} and {y.shape})")
@@ -71,16 +77,27 @@ def load_npz(path: Path) -> LabelledData:
         raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
     if x.dtype.kind not in "biuf":
         raise DataError(f"{path}: x must hold numbers, got dtype {x.dtype}")
-    if names.dtype.kind not in "US" or names.ndim != 1:
-        raise DataError(f"{path}: class_names must be a list of strings, got dtype {names.dtype} shape {names.shape}")
     if y.dtype.kind not in "iu":
         raise DataError(f"{path}: y must hold integer class indices, got dtype {y.dtype}")
-    class_names = [str(n) for n in names.tolist()]
-    if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
-        raise DataError(f"{path}: y holds index {int(y.max() if y.max() >= len(class_names) else y.min())}, "
-                        f"outside class_names (0..{len(class_names) - 1})")
+    require_finite(x, path)
+    class_names = None
+    if names is not None:
+        if names.dtype.kind not in "US" or names.ndim != 1:
+            raise DataError(f"{path}: class_names must be a list of strings, got dtype {names.dtype} shape {names.shape}")
+        class_names = [str(n) for n in names.tolist()]
+        if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
+            raise DataError(f"{path}: y holds index {int(y.max() if y.max() >= len(class_names) else y.min())}, "
+                            f"outside class_names (0..{len(class_names) - 1})")
+    elif len(y) and y.min() < 0:
+        raise DataError(f"{path}: y holds the negative class index {int(y.min())}")
+    return x, y, class_names
+
+
+def load_npz(path: Path) -> LabelledData:
+    x, y, class_names = read_npz_arrays(path)
+    assert class_names is not None
     with np.errstate(over="ignore"):
-        x32 = np.asarray(x, dtype=np.float32)
+        x32 = np.asarray(x, dtype=np.float32)  # a value beyond float32 becomes inf: load_classification_data refuses it
     return LabelledData(torch.from_numpy(x32), torch.from_numpy(y.astype(np.int64)), class_names, path)
 
 

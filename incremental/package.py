@@ -31,6 +31,7 @@ PACKAGE_MAGIC = "incremental-model-package"
 ARCHITECTURES: dict[str, str] = {
     "mlp": "incremental.models:MLP",
     "convnet": "incremental.models:SmallConvNet",
+    "resnet18_reduced": "incremental.models:ReducedResNet18",
     "panoptic_tiny": "incremental.panoptic.model:build_panoptic_model",
     "fasterrcnn_tiny": "incremental.detection.model:build_detector",
 }
@@ -46,6 +47,10 @@ def register_architecture(name: str, target: str | Callable[..., nn.Module]) -> 
 
 
 def build_architecture(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    if name.startswith("torchvision:"):  # any torchvision classifier, head replaced by a growing one
+        from .models import build_model
+
+        return build_model(name, **{k: v for k, v in kwargs.items() if k != "weights"})
     target: Any = ARCHITECTURES.get(name)
     if target is None:
         raise PackageError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")

@@ -17,7 +17,7 @@ does; either way ``mb_history`` stays visible to plugins.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
 from .buffer import HistoryLibrary
-from .data import Batch, SampleSet, as_samples, batch_indices, batch_size_of, concat_batches, move_to
+from .data import (
+    Batch, EpochBatchSampler, as_batch, batch_indices, batch_size_of, concat_batches, dataset_labels, eval_view,
+    global_batch_sizes, in_memory, make_loader, move_to, train_view,
+)
 from .guards import LossGuard
 from .plugins import ALL_CALLBACKS, overrides
 
@@ -89,10 +92,10 @@ class ClassificationAccumulator:
         }
 
 
-def experience_classes(experience: Any, samples: SampleSet) -> list[int]:
+def experience_classes(experience: Any, dataset: Any) -> list[int]:
     classes = getattr(experience, "classes_in_this_experience", None)
     if classes is None:
-        classes = sorted(set(samples.labels.tolist()))
+        classes = sorted(set(dataset_labels(dataset).tolist()))
     return sorted(int(c) for c in classes)
 
 
@@ -102,6 +105,12 @@ class Trainer:
     ``history`` is the shared replay buffer (``None`` or capacity 0 for no replay);
     ``history_mb_size`` is the history minibatch size (default: ``train_mb_size``, as Avalanche's
     replay). ``seed`` drives the loop's own generator (shuffling), independent of the global RNG.
+
+    Data: an experience whose dataset is an in-memory :class:`~incremental.data.TensorSamples` /
+    ``ListSamples`` is sliced directly (the fast path); any other map-style dataset is read through a
+    ``DataLoader`` with ``num_workers`` worker processes (persistent across the epochs of an
+    experience), its transforms running per sample and per epoch. Both paths draw the same order
+    from the same seed.
     """
 
     def __init__(
@@ -122,7 +131,17 @@ class Trainer:
         progress: bool = False,
         eval_accumulator: Callable[["Trainer"], Any] | None = None,
         amp: bool = False,
+        num_workers: int = 0,
+        persistent_workers: bool = True,
     ) -> None:
+        from .config import check
+
+        check(int(train_mb_size) >= 1, "train_mb_size", f"must be >= 1, got {train_mb_size}")
+        check(int(train_epochs) >= 1, "train_epochs", f"must be >= 1, got {train_epochs}")
+        check(eval_mb_size is None or int(eval_mb_size) >= 1, "eval_mb_size", f"must be >= 1, got {eval_mb_size}")
+        check(history_mb_size is None or int(history_mb_size) >= 1, "history_mb_size",
+              f"must be >= 1, got {history_mb_size}")
+        check(int(num_workers) >= 0, "num_workers", f"must be >= 0, got {num_workers}")
         self.device = torch.device(device)
         # Sample sets live on the CPU; moving a CPU batch to the CPU is a no-op we skip per iteration.
         self._move = self.device.type != "cpu"
@@ -137,7 +156,11 @@ class Trainer:
         self.history_mb_size = int(history_mb_size or train_mb_size)
         self.shuffle = shuffle
         self.progress = progress
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.num_workers = int(num_workers)
+        self.persistent_workers = bool(persistent_workers)
+        self._train_loader: Any = None
         self.eval_accumulator = eval_accumulator or (lambda s: ClassificationAccumulator(s._criterion))
         self.clock = Clock()
         self.retain_graph = False
@@ -152,12 +175,13 @@ class Trainer:
 
         # Strategy attributes plugins read (Avalanche's names).
         self.experience: Any = None
-        self.adapted_dataset: SampleSet | None = None
+        self.adapted_dataset: Any = None
         self.dataloader: Iterable[Batch] | None = None
         self.mbatch: Batch | None = None
         self.mb_history: Batch | None = None
         self.mb_output: Any = None
         self.loss: torch.Tensor | None = None
+        self.loss_terms: dict[str, torch.Tensor] = {}  # named terms of the last criterion() (summed into loss)
         self.is_training = False
         self.current_eval_stream: Any = None
         self._stop_training = False
@@ -215,7 +239,15 @@ class Trainer:
         return module(self.mb_x)
 
     def criterion(self) -> torch.Tensor:
-        return self._criterion(self.mb_output, self.mb_y)
+        """The minibatch loss. A family's criterion may return named loss terms (a dict: a detector's
+        four losses, one per task); they are summed here and kept in ``loss_terms`` for plugins that
+        weight them (dynamic loss weighting)."""
+        loss = self._criterion(self.mb_output, self.mb_y)
+        if isinstance(loss, Mapping):
+            self.loss_terms = dict(loss)
+            return sum(self.loss_terms.values())  # type: ignore[return-value]
+        self.loss_terms = {"loss": loss}
+        return loss
 
     def backward(self) -> None:
         # With uneven shards (an epoch's last minibatch) each rank's mean loss is re-weighted so that
@@ -283,12 +315,15 @@ class Trainer:
 
     def _before_training_exp(self, **kwargs: Any) -> None:
         self._fire("before_train_dataset_adaptation", **kwargs)
-        self.adapted_dataset = as_samples(self.experience.dataset)
+        self.adapted_dataset = train_view(self.experience.dataset)
         self._fire("after_train_dataset_adaptation", **kwargs)
+        self._train_loader = self._make_train_loader()
         self.classes_seen.update(experience_classes(self.experience, self.adapted_dataset))
         self.model = self.model_adaptation()
         self.make_optimizer()
         self._wrap_for_data_parallel()
+        if self.history is not None:
+            self.history.adopt_transforms(self.adapted_dataset)  # replayed samples are augmented like new ones
         self._history_iter = (
             self.history.batches(self.history_mb_size, self.sharder) if self.history is not None and len(self.history) else None
         )
@@ -328,15 +363,39 @@ class Trainer:
             self._fire("after_training_epoch", **kwargs)
             self.clock.train_exp_epochs += 1
 
-    def _train_epoch(self, **kwargs: Any) -> None:
-        samples = self.adapted_dataset
+    def _make_train_loader(self) -> Any:
+        """A DataLoader for datasets off the fast path; None for in-memory sample sets."""
+        if in_memory(self.adapted_dataset) is not None:
+            return None
+        sampler = EpochBatchSampler(len(self.adapted_dataset), self.train_mb_size, self.generator, self.shuffle,
+                                    drop_smaller_than=self.sharder.world, sharder=self.sharder)
+        # Workers' RNGs (random augmentation) from the run's seed and the experience, not from the
+        # loop's generator, so both data paths draw the same sample order.
+        worker_seed = self.seed * 1_000_003 + self.clock.train_exp_counter
+        return make_loader(self.adapted_dataset, sampler, num_workers=self.num_workers,
+                           pin_memory=self.device.type == "cuda", persistent_workers=self.persistent_workers,
+                           seed=worker_seed)
+
+    def _training_batches(self) -> Iterator[tuple[Batch, int]]:
+        """One epoch of (this rank's minibatch, global minibatch size), from either data path."""
         sharder = self.sharder
-        self.dataloader = batch_indices(len(samples), self.train_mb_size, self.generator, self.shuffle,
-                                        drop_smaller_than=sharder.world)
-        for global_idx in self.dataloader:
+        n = len(self.adapted_dataset)
+        samples = in_memory(self.adapted_dataset)
+        if samples is not None:
+            for global_idx in batch_indices(n, self.train_mb_size, self.generator, self.shuffle,
+                                            drop_smaller_than=sharder.world):
+                yield samples.batch(sharder.shard(global_idx) if sharder.active else global_idx), len(global_idx)
+            return
+        sizes = global_batch_sizes(n, self.train_mb_size, sharder.world)
+        for batch, n_global in zip(self._train_loader, sizes):
+            yield as_batch(batch), n_global
+
+    def _train_epoch(self, **kwargs: Any) -> None:
+        sharder = self.sharder
+        self.dataloader = self._training_batches()
+        for batch, n_global_batch in self.dataloader:
             if self._stop_training:
                 break
-            batch = samples.batch(sharder.shard(global_idx) if sharder.active else global_idx)
             self.mb_history = next(self._history_iter) if self._history_iter else None
             if self._move:
                 batch = move_to(batch, self.device)
@@ -344,7 +403,7 @@ class Trainer:
             concat = self.mb_history is not None and not self.consumes_history
             if sharder.active:
                 # rank's share of the samples in this step / its equal share (exact global mean)
-                n_rank, n_global = batch_size_of(batch), len(global_idx)
+                n_rank, n_global = batch_size_of(batch), n_global_batch
                 if concat:
                     n_rank += batch_size_of(self.mb_history)
                     n_global += self.history.last_global_batch_size
@@ -392,6 +451,7 @@ class Trainer:
         self.loss_guard.check()
         if self.history is not None:
             self.history.update(self.adapted_dataset, strategy=self)
+        self._train_loader = None  # ends persistent workers
         self._fire("after_training_exp", **kwargs)
         self.clock.train_exp_counter += 1
 
@@ -410,19 +470,14 @@ class Trainer:
         self._fire("before_eval", **kwargs)
         for self.experience in stream:
             self._fire("before_eval_dataset_adaptation", **kwargs)
-            self.adapted_dataset = as_samples(self.experience.dataset)
+            self.adapted_dataset = eval_view(self.experience.dataset)
             self._fire("after_eval_dataset_adaptation", **kwargs)
             self._fire("before_eval_exp", **kwargs)
             accumulator = self.eval_accumulator(self)
             # Sharded evaluation when the accumulator can sum its counts over ranks; otherwise every
             # rank evaluates everything (same numbers, more work).
             shard = self.sharder.active and hasattr(accumulator, "all_reduce")
-            samples = self.adapted_dataset
-            for global_idx in batch_indices(len(samples), self.eval_mb_size, None, shuffle=False):
-                idx = self.sharder.shard(global_idx) if shard else global_idx
-                if len(idx) == 0:
-                    continue
-                batch = samples.batch(idx)
+            for batch in self._eval_batches(shard):
                 self.mbatch = move_to(batch, self.device) if self._move else batch
                 self._fire("before_eval_iteration", **kwargs)
                 self._fire("before_eval_forward", **kwargs)
@@ -440,6 +495,24 @@ class Trainer:
         self.model.train(was_training)
         self.is_training, self.experience, self.mbatch, self.mb_output = prev_state
         return results
+
+    def _eval_batches(self, shard: bool) -> Iterator[Batch]:
+        """Minibatches of the evaluation dataset in order (this rank's share when ``shard``)."""
+        dataset = self.adapted_dataset
+        samples = in_memory(dataset)
+        if samples is not None:
+            for global_idx in batch_indices(len(samples), self.eval_mb_size, None, shuffle=False):
+                idx = self.sharder.shard(global_idx) if shard else global_idx
+                if len(idx):
+                    yield samples.batch(idx)
+            return
+        sampler = EpochBatchSampler(len(dataset), self.eval_mb_size, None, shuffle=False,
+                                    sharder=self.sharder if shard else None)
+        loader = make_loader(dataset, sampler, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                             seed=self.seed)
+        for batch in loader:
+            if batch_size_of(as_batch(batch)):
+                yield as_batch(batch)
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -82,13 +82,13 @@ def saved_history(package: ModelPackage, capacity: int, seed: int, spec: dict[st
         channels, (height, width) = int(spec["channels"]), spec["size"]
         shape = [channels * height * width] if spec["flat"] else [channels, height, width]
         x, y = samples.x, samples.y
-        if not (x.is_floating_point() and list(x.shape[1:]) == shape):
-            raise ValueError(f"samples must be float tensors of shape (N, {', '.join(map(str, shape))}), "
+        if x.dtype in (torch.bool, torch.complex64, torch.complex128) or list(x.shape[1:]) != shape:
+            raise ValueError(f"samples must be numbers of shape (N, {', '.join(map(str, shape))}), "
                              f"got {x.dtype} {list(x.shape)}")
         if not (y.dim() == 1 and len(y) == len(x) and not y.is_floating_point()
                 and (not len(y) or 0 <= int(y.min()) <= int(y.max()) < len(package.class_names))):
             raise ValueError("labels must be class indices of the package, one per sample")
-        if not bool(torch.isfinite(x).all()):
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError("samples hold NaN or inf")
         if not (len(samples.t) == len(samples.labels) == len(x)):
             raise ValueError("task labels and class labels must have one entry per sample")
@@ -251,7 +251,7 @@ def classifier_package_extra(history: HistoryLibrary | None, spec: dict[str, Any
     """The extras a classifier package carries: input format and the exemplars for later updates."""
     extra: dict[str, Any] = {"input": {**DEFAULT_INPUT, **(spec or {})}}
     if history is not None and len(history):
-        extra["history"] = history.state_dict()
+        extra["history"] = history.export_state()
     return extra
 
 

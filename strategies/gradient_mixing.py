@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from incremental.buffer import HistoryLibrary, StoragePolicy, make_policy, register_policy
-from incremental.data import Batch, SampleSet, TensorSamples, as_samples, move_to
+from incremental.buffer import HistoryLibrary, Pool, StoragePolicy, make_policy, register_policy
+from incremental.data import Batch, move_to
 from incremental.plugins import Plugin
 
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def per_sample_gradients(model: nn.Module, criterion: Callable[[torch.Tensor, to
     return torch.cat([grads[n].reshape(len(x), -1) for n in names], dim=1)
 
 
-def _loop_sample_gradients(strategy: Any, samples: SampleSet, idx: torch.Tensor,
+def _loop_sample_gradients(strategy: Any, samples: Pool, idx: torch.Tensor,
                            references: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample gradients one sample at a time through ``strategy.forward()``/``criterion()``.
 
@@ -415,7 +415,7 @@ class GradientDiversityPolicy:
         self._use_loop = False  # set once vmap has refused the model
 
     # ---------------------------------------------------------------- gradients
-    def _gradients(self, strategy: Any, pool: SampleSet, idx: torch.Tensor,
+    def _gradients(self, strategy: Any, pool: Pool, idx: torch.Tensor,
                    references: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample gradient rows of ``pool[idx]`` or, given ``references``, their max-cosine scores.
 
@@ -423,7 +423,8 @@ class GradientDiversityPolicy:
         floats), one sample at a time otherwise.
         """
         model = strategy.model
-        if isinstance(pool, TensorSamples) and isinstance(pool.y, torch.Tensor) and not self._use_loop:
+        tensor_inputs = pool.is_tensor if isinstance(pool, Pool) else isinstance(getattr(pool, "y", None), torch.Tensor)
+        if tensor_inputs and not self._use_loop:
             n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
             step = max(1, ROW_BUDGET // max(n_params, 1))
             was_training = model.training
@@ -444,22 +445,20 @@ class GradientDiversityPolicy:
         return _loop_sample_gradients(strategy, pool, idx, references)
 
     # ---------------------------------------------------------------- StoragePolicy protocol
-    def select(self, library: HistoryLibrary, new: SampleSet, generator: torch.Generator,
-               strategy: Any = None) -> SampleSet:
+    def select(self, library: HistoryLibrary, pool: Pool, generator: torch.Generator,
+               strategy: Any = None) -> torch.Tensor:
         if strategy is None or not hasattr(strategy, "model"):
             raise ValueError("storage policy 'gradient_diversity' needs the strategy (model and criterion) to "
                              "score samples: call HistoryLibrary.update(samples, strategy=...)")
         cap = library.capacity
-        current = library.samples if library.samples is not None and len(library.samples) else None
-        n_cur = 0 if current is None else len(current)
+        n_cur = pool.n_current
         if len(self.scores) != n_cur:
             raise ValueError(f"gradient_diversity holds {len(self.scores)} scores for {n_cur} stored samples; "
                              "the library and the policy state were loaded from different checkpoints")
-        pool = new if current is None else current.concat(new)
         slots = list(range(n_cur))  # slot i holds pool index slots[i]
         slot_scores = self.scores.clone().float()
         chunk = max(1, min(self.chunk_size, cap))
-        n_new = len(new)
+        n_new = len(pool) - n_cur
         for start in range(0, n_new, chunk):
             cand = torch.arange(n_cur + start, n_cur + min(n_new, start + chunk))
             if slots:
@@ -484,7 +483,7 @@ class GradientDiversityPolicy:
                     slots[v] = c
                     slot_scores[v] = s
         self.scores = slot_scores
-        return pool.subset(torch.tensor(slots, dtype=torch.long))
+        return torch.tensor(slots, dtype=torch.long)
 
     def state_dict(self) -> dict:
         return {"scores": self.scores.clone(), "seen": self.seen, "max_comparisons": self.max_comparisons}
@@ -601,7 +600,7 @@ class GradientMixingPlugin(Plugin):
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         if self._loop_has_history(strategy):
             return
-        self._own_library().update(as_samples(strategy.experience.dataset), strategy=strategy)
+        self._own_library().update(strategy.experience.dataset, strategy=strategy)
 
     def _history_batch(self, strategy: Any) -> Batch | None:
         if self._loop_has_history(strategy):

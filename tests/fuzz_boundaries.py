@@ -175,9 +175,10 @@ def mutate_json_file(data: Any, path: Path) -> None:
 # ============================================================================ configs
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 CONFIG_KEYS = ["seed", "scenario.name", "scenario.n_experiences", "scenario.class_order", "scenario.test_fraction",
-               "strategy.name", "strategy.mem_size", "strategy.storage_policy", "strategy.rule",
-               "strategy.history_batch_size", "train.epochs", "train.batch_size", "train.lr", "train.optimizer",
-               "train.device", "train.threads", "model.name", "model.hidden_size", "model.hidden_layers"]
+               "strategy.plugins", "strategy.plugins[0]", "strategy.history.mem_size", "strategy.history.policy",
+               "strategy.history.batch_size", "strategy.regime", "strategy.name", "train.epochs", "train.batch_size",
+               "train.lr", "train.optimizer", "train.device", "train.threads", "model.name", "model.hidden_size",
+               "model.hidden_layers"]
 
 
 def seed_config(folder: Path, _: Assets) -> Path:

@@ -30,8 +30,10 @@ def run_cli(args, capsys):
     ("scenario.n_experiences=11", "scenario.n_experiences"),
     ("scenario.class_order=[3,1,2,0]", "scenario.class_order"),
     ("strategy.name=magic", "strategy.name"),
+    ("strategy.plugins=[{name: magic}]", "strategy.plugins[0].name"),
+    ("strategy.plugins=[{name: replay, rule: sum}]", "strategy.plugins[0].rule"),
     ("scenario.name=imagenet", "scenario.name"),
-    ("strategy.storage_policy=fifo", "strategy.storage_policy"),
+    ("strategy.history.policy=fifo", "strategy.history.policy"),
 ])
 def test_bad_config_is_a_one_line_error_exit_2_and_nothing_written(tmp_path, capsys, override, key):
     out = tmp_path / "run"
@@ -62,7 +64,7 @@ def test_run_writes_results_json_and_heatmap(tmp_path, capsys):
     for key in ("accuracy_matrix", "average_accuracy", "forgetting", "bwt", "wall_time_s", "seed", "config"):
         assert key in results
     assert len(results["accuracy_matrix"]) == 3 and len(results["accuracy_matrix"][0]) == 3
-    assert results["config"]["strategy"]["name"] == "gradient_mixing"
+    assert results["config"]["strategy"]["plugins"][0]["name"] == "gradient_mixing"
     assert (out / "gradient_mixing_exp0.png").exists() or any(out.glob("gradient_mixing*.png"))
     assert (out / "accuracy_matrix.png").stat().st_size > 1000
     from incremental.package import load_model

@@ -51,7 +51,8 @@ def test_box_predictor_grows_keeping_old_rows():
 
 def test_detection_loss_weights_by_hand():
     # {rpn: 2, box: 3} with weight 0.5 on rpn: 0.5 * 2 + 1 * 3 = 4
-    assert float(DetectionLoss({"rpn": 0.5})({"rpn": torch.tensor(2.0), "box": torch.tensor(3.0)})) == 4.0
+    terms = DetectionLoss({"rpn": 0.5})({"rpn": torch.tensor(2.0), "box": torch.tensor(3.0)})
+    assert {k: float(v) for k, v in terms.items()} == {"rpn": 1.0, "box": 3.0}  # named terms; the loop sums them
     with pytest.raises(KeyError, match="loss weights for \\['typo'\\]"):
         DetectionLoss({"typo": 1.0})({"rpn": torch.tensor(2.0)})
     with pytest.raises(TypeError, match="expects the detector's loss dict"):

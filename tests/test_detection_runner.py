@@ -9,13 +9,16 @@ from incremental.cli import main
 
 TINY = ["--set", "scenario.image_size=64", "--set", "scenario.general_train=6", "--set", "scenario.general_test=3",
         "--set", "scenario.transfer_test=3", "--set", "feedback.n_images=4", "--set", "meta.epochs=1",
-        "--set", "adapt.epochs=1", "--set", "adapt.min_steps=1", "--set", "strategy.mem_size=4",
+        "--set", "adapt.epochs=1", "--set", "adapt.min_steps=1",
         "--set", "meta.batch_size=3", "--set", "adapt.batch_size=2", "--set", "model.width=8",
         "--set", "model.representation_size=32", "--quiet"]
 
 
+HISTORY = ["--set", "strategy.history.mem_size=4"]
+
+
 def run(out, *extra):
-    return main(["run", "configs/detection_feedback.yaml", "--out", str(out), *TINY, *extra])
+    return main(["run", "configs/detection_feedback.yaml", "--out", str(out), *TINY, *HISTORY, *extra])
 
 
 def test_run_writes_ap_before_after_and_feedback_counts(tmp_path):
@@ -27,25 +30,40 @@ def test_run_writes_ap_before_after_and_feedback_counts(tmp_path):
     counts = r["feedback_counts"]
     assert counts["images"] == 4 and sum(counts[c] for c in ("correct", "missed", "false_detection")) == 4
     assert r["strategy"] == "gradient_mixing" and r["adaptation"]["steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("*.pt")) == ["exp_001.pt", "exp_002.pt"]
     assert r["config"]["feedback"]["n_images"] == 4 and r["seed"] == 0
     assert (tmp_path / "a" / "ap_before_after.png").is_file() and (tmp_path / "a" / "meta_model.pt").is_file()
     assert r["meta_model_reused"] is False
-    # --resume reuses the meta model; the numbers are the same (same seed, same everything)
-    assert run(tmp_path / "a", "--resume") == 0
-    again = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert again["meta_model_reused"] is True
+    # killed after the meta model: --resume adapts it and ends with the same numbers
+    import os
+
+    os.environ["INCREMENTAL_KILL_AFTER_EXPERIENCE"] = "1"
+    try:
+        import subprocess
+        import sys
+
+        killed = subprocess.run([sys.executable, "-m", "incremental", "run", "configs/detection_feedback.yaml",
+                                 "--out", str(tmp_path / "k"), *TINY, *HISTORY], capture_output=True, text=True)
+    finally:
+        del os.environ["INCREMENTAL_KILL_AFTER_EXPERIENCE"]
+    assert killed.returncode != 0 and not (tmp_path / "k" / "results.json").exists()
+    assert run(tmp_path / "k", "--resume") == 0
+    again = json.loads((tmp_path / "k" / "results.json").read_text())
     assert again["ap_general"] == r["ap_general"] and again["ap_transfer"] == r["ap_transfer"]
     assert again["feedback_counts"] == counts
 
 
 @pytest.mark.parametrize("override, message", [
     ("strategy.name=magic", "strategy.name: must be one of"),
+    ("strategy.plugins=[{name: gradient_mixing, pseudo_score: 0.3}]", "strategy.plugins[0].pseudo_score: unknown option"),
+    ("strategy={plugins: [{name: pseudo_label_distillation, pseudo_score: 2}], history: {mem_size: 0}}",
+     "strategy.plugins[0].pseudo_score: must be in [0, 1]"),
     ("feedback.confidence=0", "feedback.confidence: must be in (0, 1]"),
-    ("strategy.mem_size=0", "strategy.mem_size: gradient_mixing needs a history library"),
+    ("strategy.history.mem_size=0", "strategy.history.mem_size: plugin 'gradient_mixing' uses the loop's history"),
     ("scenario.image_size=16", "scenario.image_size: must be in [32, 512]"),
     ("adapt.epochs=0", "adapt.epochs: must be >= 1"),
     ("feedback.typo=1", "feedback.typo: unknown key"),
-    ("strategy.rule=nope", "strategy.rule: unknown rule 'nope'"),
+    ("strategy.plugins=[{name: gradient_mixing, rule: nope}]", "strategy.plugins[0]"),
 ])
 def test_bad_configs_exit_2_naming_the_key(tmp_path, capsys, override, message):
     assert run(tmp_path / "b", "--set", override) == 2

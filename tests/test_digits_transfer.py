@@ -86,11 +86,12 @@ def test_scenes_are_deterministic_per_seed() -> None:
 
 # ---------------------------------------------------------------- config
 
-def small_config(**strategy) -> Config:
+def small_config(name: str = "gradient_mixing", **history) -> Config:
+    plugins = [] if name == "naive" else [{"name": name}]
     return from_dict(Config, {
         "scenario": {"name": "digits_transfer", "shots": 5},
         "general": {"epochs": 2},
-        "strategy": {"name": "gradient_mixing", "mem_size": 100, **strategy},
+        "strategy": {"plugins": plugins, "history": {"mem_size": 100 if plugins else 0, **history}},
         "train": {"epochs": 5},
         "model": {"hidden_size": 32},
     })
@@ -98,7 +99,7 @@ def small_config(**strategy) -> Config:
 
 @pytest.mark.parametrize("key,value,match", [
     ("scenario", {"name": "digits_transfer", "shots": 0}, "scenario.shots"),
-    ("strategy", {"name": "joint"}, "strategy.name"),
+    ("strategy", {"regime": "joint"}, "strategy.regime"),
     ("general", {"epochs": 0}, "general.epochs"),
     ("model", {"growing_head": True}, "model.growing_head"),
 ])
@@ -121,8 +122,8 @@ def test_every_shipped_config_validates() -> None:
     rules = set()
     for path in paths:
         _, cfg, _ = prepare_run(str(path), [])
-        assert cfg.strategy.name == "gradient_mixing"
-        rules.add(cfg.strategy.rule)
+        assert cfg.strategy.names() == ["gradient_mixing"]
+        rules.add(cfg.strategy.plugins[0].get("rule", "similarity"))
     assert rules == {"sum", "similarity", "agem", "pcgrad", "mega"}
 
 
@@ -159,7 +160,7 @@ def test_resume_after_the_general_step_gives_the_same_numbers(tmp_path: Path) ->
 
     from incremental.checkpoint import RunCheckpointer
 
-    cfg = small_config(storage_policy="gradient_diversity", max_comparisons=4)
+    cfg = small_config(policy="gradient_diversity", policy_options={"max_comparisons": 4})
     full = run(cfg, tmp_path / "full")
     killed = TransferRun(cfg)
     killed.step(0)

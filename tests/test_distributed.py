@@ -54,6 +54,17 @@ def test_two_processes_match_one_process(tmp_path, config):
     np.testing.assert_allclose(_matrix(tmp_path / "two"), _matrix(tmp_path / "one"), atol=TOLERANCE)
 
 
+def test_two_processes_on_the_dataloader_path_match_one_process_in_memory(tmp_path):
+    """The lazy path (a DataLoader per rank over its share of each global minibatch) keeps the
+    exact-equivalence guarantee of the in-memory path."""
+    one = _run("split_digits_replay", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run("split_digits_replay", tmp_path / "two", nproc=2, extra=["--set", "data.in_memory=false"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["in_memory"] is False
+    np.testing.assert_allclose(_matrix(tmp_path / "two"), _matrix(tmp_path / "one"), atol=TOLERANCE)
+
+
 def test_killed_two_process_run_resumes(tmp_path):
     ref = _run("split_digits_replay", tmp_path / "ref", nproc=2)
     assert ref.returncode == 0, ref.stderr[-2000:]

@@ -380,8 +380,9 @@ def test_gradient_diversity_through_the_classification_runner(tmp_path: Path) ->
     from incremental.runners.classification import Config, run
 
     cfg = from_dict(Config, {"scenario": {"n_experiences": 2}, "train": {"epochs": 1},
-                             "strategy": {"name": "gradient_mixing", "storage_policy": "gradient_diversity",
-                                          "max_comparisons": 5, "mem_size": 50}})
+                             "strategy": {"plugins": [{"name": "gradient_mixing"}],
+                                          "history": {"mem_size": 50, "policy": "gradient_diversity",
+                                                      "policy_options": {"max_comparisons": 5}}}})
     results = run(cfg, tmp_path)
     assert len(results["accuracy_matrix"]) == 2
     assert 0.0 <= results["average_accuracy"] <= 1.0

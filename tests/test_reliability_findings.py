@@ -188,16 +188,18 @@ def test_5_the_float_rule_changes_nothing_else():
 def test_5_a_config_with_1e_minus_3_runs_end_to_end(tmp_path):
     from incremental.cli import prepare_run
 
-    _, config, _ = prepare_run(str(ROOT / "configs/quickstart.yaml"), ["train.lr=1e-3", "strategy.mem_size=5e2"])
-    assert config.train.lr == 0.001 and config.strategy.mem_size == 500 and isinstance(config.strategy.mem_size, int)
-    with pytest.raises(ConfigError, match="strategy.mem_size: expected an integer, got 2.5"):
-        prepare_run(str(ROOT / "configs/quickstart.yaml"), ["strategy.mem_size=2.5"])
+    quickstart = str(ROOT / "configs/quickstart.yaml")
+    _, config, _ = prepare_run(quickstart, ["train.lr=1e-3", "strategy.history.mem_size=5e2"])
+    history = config.strategy.history
+    assert config.train.lr == 0.001 and history.mem_size == 500 and isinstance(history.mem_size, int)
+    with pytest.raises(ConfigError, match="strategy.history.mem_size: expected an integer, got 2.5"):
+        prepare_run(quickstart, ["strategy.history.mem_size=2.5"])
 
 
 # ----------------------------------------------------------------------------------------- finding 6
 @pytest.mark.parametrize("kwargs, message", [
-    ({"capacity": -1}, "capacity: must be an integer >= 0, got -1"),
-    ({"capacity": "10"}, "capacity: must be an integer >= 0, got '10'"),
+    ({"capacity": -1}, "mem_size: must be an integer >= 0, got -1"),
+    ({"capacity": "10"}, "mem_size: must be an integer >= 0, got '10'"),
     ({"capacity": 10, "policy": "fifo"}, "policy: unknown storage policy 'fifo'"),
 ])
 def test_6_the_history_library_refuses_impossible_values_in_its_constructor(kwargs, message):

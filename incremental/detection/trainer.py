@@ -26,7 +26,9 @@ from .evaluation import DetectionAccumulator
 
 
 class DetectionLoss:
-    """Weighted sum of a detector's loss dict: ``Σ_k w_k · L_k`` (missing weights are 1).
+    """A detector's loss dict as named loss terms ``w_k · L_k`` (missing weights are 1); the loop sums
+    them into ``strategy.loss`` and exposes them as ``strategy.loss_terms`` (what dynamic loss
+    weighting reweights).
 
     Called as the loop's ``_criterion(mb_output, mb_y)``; the targets are not needed because the
     detector already compared its outputs with them. A weight for a loss the model does not return is
@@ -36,14 +38,14 @@ class DetectionLoss:
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         self.weights = dict(weights or {})
 
-    def __call__(self, loss_dict: Mapping[str, torch.Tensor], targets: Any = None) -> torch.Tensor:
+    def __call__(self, loss_dict: Mapping[str, torch.Tensor], targets: Any = None) -> dict[str, torch.Tensor]:
         if not isinstance(loss_dict, Mapping):
             raise TypeError(f"DetectionLoss expects the detector's loss dict, got {type(loss_dict).__name__} "
                             "(is the model in eval mode during training?)")
         unknown = set(self.weights) - set(loss_dict)
         if unknown:
             raise KeyError(f"loss weights for {sorted(unknown)} but the detector returns {sorted(loss_dict)}")
-        return sum(self.weights.get(k, 1.0) * v for k, v in loss_dict.items())  # type: ignore[return-value]
+        return {k: self.weights[k] * v if k in self.weights else v for k, v in loss_dict.items()}
 
 
 class DetectionTrainer(Trainer):
@@ -83,4 +85,4 @@ class DetectionTrainer(Trainer):
     def criterion(self) -> torch.Tensor:
         if not self.is_training:
             return torch.zeros(1, device=self.device)
-        return self._criterion(self.mb_output, self.mb_y)
+        return super().criterion()

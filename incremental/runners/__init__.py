@@ -13,6 +13,11 @@ from ..config import ConfigError
 
 RUNNERS: dict[str, str] = {
     "split_digits": "incremental.runners.classification",
+    "class_incremental": "incremental.runners.classification",
+    "split_mnist": "incremental.runners.classification",
+    "split_fashion_mnist": "incremental.runners.classification",
+    "split_cifar10": "incremental.runners.classification",
+    "split_cifar100": "incremental.runners.classification",
     "digits_transfer": "incremental.runners.transfer",
     "synthfaces": "incremental.runners.multitask",
     "utkface": "incremental.runners.multitask",

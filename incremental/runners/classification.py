@@ -1,257 +1,236 @@
-"""Class-incremental classification runs (Split Digits): build, train, evaluate, report.
+"""Class-incremental classification: users' data (``class_incremental``) and the named benchmarks
+(``split_digits``, ``split_mnist``, ``split_fashion_mnist``, ``split_cifar10``, ``split_cifar100``).
 
-Strategies by name (``strategy.name``):
-- ``naive``: fine-tune on each experience (the lower bound);
-- ``replay``: the loop's history library, trained together with each minibatch;
-- ``gradient_mixing``: replay history gradient mixed with the transfer gradient by similarity;
-- ``lwf`` / ``ewc``: Avalanche's own regularisation plugins, unmodified, inside our loop;
-- ``cumulative``: keep training the same model on all data seen so far;
-- ``joint``: retrain from the initial weights on all data seen so far (the upper bound).
+The family's part of the one run path (:mod:`incremental.runners.base`): the scenario
+(:mod:`incremental.scenarios.class_incremental`), a classifier with a growing head, cross-entropy as
+its one loss term, accuracy on every test experience after each training experience. Strategies are
+``strategy.plugins`` (``replay``, ``gradient_mixing``, ``lwf``, ``ewc``, ... or none for fine-tuning);
+``strategy.regime: cumulative | joint`` retrains on all data seen so far (joint: from the initial
+weights), the upper bounds.
 """
 from __future__ import annotations
 
-import dataclasses
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ..buffer import STORAGE_POLICIES, HistoryLibrary
-from ..config import check
-from .common import TrainConfig, make_optimizer
+from ..config import ConfigError, check
 from ..data import Experience
-from ..distributed import is_main_process, resolve_device
+from ..distributed import resolve_device
 from ..metrics import format_matrix, summarize
-from ..models import build_model
+from ..models import MODELS, TORCHVISION_PREFIX, build_model
+from ..models import model_kwargs as architecture_kwargs
 from ..plots import accuracy_heatmap
-from ..scenarios.digits import split_digits
-from ..trainer import Trainer, seed_everything
-
-STRATEGIES = ("naive", "replay", "gradient_mixing", "lwf", "ewc", "cumulative", "joint")
-
-
-@dataclass
-class ScenarioConfig:
-    name: str = "split_digits"
-    n_experiences: int = 5
-    class_order: list[int] | None = None
-    shuffle_classes: bool = False
-    test_fraction: float = 0.3
-
-    def validate(self) -> None:
-        check(1 <= self.n_experiences <= 10, "scenario.n_experiences",
-              f"must be between 1 and the number of classes (10), got {self.n_experiences}")
-        if self.class_order is not None:
-            check(sorted(self.class_order) == list(range(10)), "scenario.class_order",
-                  f"must be a permutation of 0..9, got {self.class_order}")
-        check(0.0 < self.test_fraction < 1.0, "scenario.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
-
-
-@dataclass
-class StrategyConfig:
-    name: Literal["naive", "replay", "gradient_mixing", "lwf", "ewc", "cumulative", "joint"] = "replay"
-    mem_size: int = 200
-    storage_policy: str = "reservoir"
-    history_batch_size: int | None = None
-    rule: str = "similarity"
-    max_comparisons: int = 10
-    lwf_alpha: float = 1.0
-    lwf_temperature: float = 2.0
-    ewc_lambda: float = 100.0
-
-    def validate(self) -> None:
-        check(self.mem_size >= 0, "strategy.mem_size", f"must be >= 0, got {self.mem_size}")
-        if self.name in ("replay", "gradient_mixing"):
-            check(self.mem_size > 0, "strategy.mem_size", f"{self.name} needs a history library (mem_size > 0)")
-        known = set(STORAGE_POLICIES) | {"gradient_diversity"}
-        check(self.storage_policy in known, "strategy.storage_policy",
-              f"unknown policy {self.storage_policy!r}; known: {', '.join(sorted(known))}")
-        if self.history_batch_size is not None:
-            check(self.history_batch_size > 0, "strategy.history_batch_size", "must be > 0")
+from ..scenarios.class_incremental import PRESETS, DataConfig, ScenarioConfig, build_benchmark
+from ..trainer import Trainer
+from .base import LegacyUpdate, Run, RunConfig, execute, legacy_history, take, unknown_legacy
+from .common import TrainConfig, make_optimizer
 
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp", "convnet"] = "mlp"
+    """``model.name``: ``mlp`` (``hidden_layers`` x ``hidden_size``), ``convnet``, ``resnet18_reduced``
+    or ``torchvision:<name>`` (``weights``: a local state dict for its backbone)."""
+
+    name: str = "mlp"
     hidden_size: int = 256
     hidden_layers: int = 1
     channels: int = 32
     growing_head: bool = False
+    weights: str | None = None
 
     def validate(self) -> None:
+        check(self.name in MODELS or self.name.startswith(TORCHVISION_PREFIX), "model.name",
+              f"unknown model {self.name!r}; known: {', '.join(MODELS)}, torchvision:<name>")
         check(self.hidden_size >= 1, "model.hidden_size", "must be >= 1")
         check(self.hidden_layers >= 1, "model.hidden_layers", "must be >= 1")
+        check(self.weights is None or self.name.startswith(TORCHVISION_PREFIX), "model.weights",
+              "only torchvision:<name> models load a backbone state dict")
 
 
 @dataclass
-class Config:
-    seed: int = 0
+class Config(RunConfig):
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
-        check(self.scenario.name == "split_digits", "scenario.name", "this runner handles split_digits")
+        check(self.scenario.name in PRESETS, "scenario.name", f"this runner handles {', '.join(PRESETS)}")
 
 
-def model_kwargs(cfg: ModelConfig, n_classes: int) -> dict[str, Any]:
-    if cfg.name == "mlp":
-        return {"input_size": 64, "hidden_size": cfg.hidden_size, "hidden_layers": cfg.hidden_layers, "n_classes": n_classes}
-    return {"in_channels": 1, "image_size": 8, "channels": cfg.channels, "n_classes": n_classes}
+def legacy(old: dict[str, Any]) -> LegacyUpdate:
+    """The classifiers' old ``strategy.name`` (naive, replay, gradient_mixing, lwf, ewc, cumulative,
+    joint) and its flat options, in the new form."""
+    update = LegacyUpdate(history=legacy_history(old))
+    options = {"gradient_mixing": take(old, "rule"),
+               "lwf": {k.removeprefix("lwf_"): v for k, v in take(old, "lwf_alpha", "lwf_temperature").items()},
+               "ewc": take(old, "ewc_lambda")}
+    update.options = {k: v for k, v in options.items() if v}
+    name = old.pop("name", None)
+    unknown_legacy(old)
+    if name is None:
+        return update
+    if name in ("naive", "cumulative", "joint"):
+        update.plugins = []
+        update.regime = name if name != "naive" else "incremental"
+    elif name in ("replay", "gradient_mixing", "lwf", "ewc"):
+        update.plugins = [{"name": name}]
+    else:
+        raise ConfigError("strategy.name", f"unknown strategy {name!r}; known: naive, replay, gradient_mixing, lwf, "
+                                           "ewc, cumulative, joint (or use strategy.plugins)")
+    return update
 
 
-def build_strategy(cfg: StrategyConfig, seed: int) -> tuple[list[Any], HistoryLibrary | None]:
-    """Plugins and history library for a strategy name (the loop itself is the same for all)."""
-    history = None
-    plugins: list[Any] = []
-    if cfg.name in ("replay", "gradient_mixing"):
-        if cfg.storage_policy == "gradient_diversity":
-            from strategies.gradient_mixing import GradientDiversityPolicy
+def model_kwargs(cfg: ModelConfig, n_classes: int, input_shape: tuple[int, ...] = (64,)) -> dict[str, Any]:
+    """Constructor arguments of the configured model for inputs of ``input_shape``."""
+    try:
+        return architecture_kwargs(cfg.name, input_shape, n_classes, hidden_size=cfg.hidden_size,
+                                   hidden_layers=cfg.hidden_layers, channels=cfg.channels, weights=cfg.weights)
+    except ValueError as exc:
+        raise ConfigError("", str(exc)) from None
 
-            policy: Any = GradientDiversityPolicy(max_comparisons=cfg.max_comparisons)
-        else:
-            policy = cfg.storage_policy
-        history = HistoryLibrary(cfg.mem_size, policy, seed=seed)
-    if cfg.name == "gradient_mixing":
-        from strategies.gradient_mixing import GradientMixingPlugin
 
-        plugins.append(GradientMixingPlugin(rule=cfg.rule))
-    elif cfg.name == "lwf":
-        from avalanche.training.plugins import LwFPlugin
-
-        plugins.append(LwFPlugin(alpha=cfg.lwf_alpha, temperature=cfg.lwf_temperature))
-    elif cfg.name == "ewc":
-        from avalanche.training.plugins import EWCPlugin
-
-        plugins.append(EWCPlugin(ewc_lambda=cfg.ewc_lambda))
-    return plugins, history
+def build_classifier(cfg: ModelConfig, n_classes: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    try:
+        return build_model(cfg.name, **model_kwargs(cfg, n_classes, input_shape))
+    except ValueError as exc:  # an unknown torchvision name, weights that do not fit
+        raise ConfigError("", str(exc)) from None
 
 
 def union_experience(stream: list[Experience], upto: int) -> Experience:
     """Experiences 0..upto merged into one (for joint and cumulative training)."""
-    dataset = stream[0].dataset
-    classes = list(stream[0].classes_in_this_experience)
-    for exp in stream[1 : upto + 1]:
-        dataset = dataset.concat(exp.dataset)
-        classes += exp.classes_in_this_experience
-    return Experience(dataset, upto, sorted(classes), classes_seen_so_far=sorted(classes))
+    from torch.utils.data import ConcatDataset
+
+    datasets = [exp.dataset for exp in stream[: upto + 1]]
+    if all(hasattr(d, "concat") for d in datasets):
+        dataset = datasets[0]
+        for other in datasets[1:]:
+            dataset = dataset.concat(other)
+    else:  # lazily read experiences stay lazy
+        dataset = ConcatDataset(datasets)
+    classes = sorted(c for exp in stream[: upto + 1] for c in exp.classes_in_this_experience)
+    return Experience(dataset, upto, classes, classes_seen_so_far=classes)
 
 
-class ClassificationRun:
-    """One run: the scenario, the trainer, and the accuracy matrix built experience by experience.
+class ClassificationRun(Run):
+    """Train on each experience with the configured plugins, then evaluate the whole test stream."""
 
-    Kept as an object (not a function) so that checkpoints can capture and restore it between
-    experiences.
-    """
-
-    def __init__(self, cfg: Config, progress: bool = False) -> None:
-        self.cfg = cfg
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        seed_everything(cfg.seed)
-        s = cfg.scenario
-        self.benchmark = split_digits(s.n_experiences, s.class_order, s.shuffle_classes, s.test_fraction, cfg.seed)
+    def __init__(self, cfg: Config, out_dir: Path | str = ".", progress: bool = False) -> None:
+        super().__init__(cfg, out_dir, progress)
+        self.benchmark = build_benchmark(cfg.scenario, cfg.data, cfg.seed)
         first = self.benchmark.train_stream[0].classes_in_this_experience
         n_out = (max(first) + 1) if cfg.model.growing_head else self.benchmark.n_classes
-        self.model = build_model(cfg.model.name, **model_kwargs(cfg.model, n_out))
+        self.model = self.new_model(n_out)
         self.initial_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        plugins, history = build_strategy(cfg.strategy, cfg.seed)
         self.trainer = Trainer(
             self.model, make_optimizer(cfg.train, self.model), torch.nn.CrossEntropyLoss(),
             train_mb_size=cfg.train.batch_size, train_epochs=cfg.train.epochs,
-            eval_mb_size=cfg.train.eval_batch_size, device=resolve_device(cfg.train.device), plugins=plugins,
-            history=history, history_mb_size=cfg.strategy.history_batch_size, seed=cfg.seed,
-            progress=progress, amp=cfg.train.amp,
+            eval_mb_size=cfg.train.eval_batch_size, device=resolve_device(cfg.train.device),
+            plugins=self.make_plugins(), history=self.make_history(),
+            history_mb_size=cfg.strategy.history.batch_size, seed=cfg.seed, progress=progress, amp=cfg.train.amp,
+            num_workers=cfg.train.num_workers,
         )
-        self.progress = progress
-        self.accuracy_matrix: list[list[float]] = []
-        self.train_time_s = 0.0
+
+    def new_model(self, n_out: int) -> torch.nn.Module:
+        return build_classifier(self.cfg.model, n_out, self.benchmark.input_shape)
+
+    def model_kwargs(self, n_out: int) -> dict[str, Any]:
+        return model_kwargs(self.cfg.model, n_out, self.benchmark.input_shape)
 
     @property
-    def n_experiences(self) -> int:
+    def n_steps(self) -> int:
         return len(self.benchmark.train_stream)
 
+    n_experiences = n_steps
+
     def step(self, i: int) -> list[float]:
-        """Train on experience ``i`` (as the strategy dictates) and evaluate the whole test stream."""
+        """Train on experience ``i`` (as the regime dictates) and evaluate the whole test stream."""
         start = time.perf_counter()
         stream = self.benchmark.train_stream
-        name = self.cfg.strategy.name
-        if name == "joint":
+        regime = self.cfg.strategy.regime
+        if regime == "joint":
             self._restart_model()
             self.trainer.train(union_experience(stream, i))
-        elif name == "cumulative":
+        elif regime == "cumulative":
             self.trainer.train(union_experience(stream, i))
         else:
             self.trainer.train(stream[i])
         results = self.trainer.eval(self.benchmark.test_stream)
-        row = [results[j]["accuracy"] for j in range(self.n_experiences)]
+        row = [results[j]["accuracy"] for j in range(self.n_steps)]
         self.accuracy_matrix.append(row)
         self.train_time_s += time.perf_counter() - start
         return row
 
     def _restart_model(self) -> None:
         """Joint training retrains from scratch: same initial weights, fresh optimizer."""
-        self.trainer.model.load_state_dict(self.initial_state) if self._fixed_head() else self._rebuild_model()
+        if self.cfg.model.growing_head:
+            torch.manual_seed(self.cfg.seed)
+            first = self.benchmark.train_stream[0].classes_in_this_experience
+            self.trainer.model = self.new_model(max(first) + 1)
+        else:
+            self.trainer.model.load_state_dict(self.initial_state)
         self.trainer.optimizer = make_optimizer(self.cfg.train, self.trainer.model)
-
-    def _fixed_head(self) -> bool:
-        return not self.cfg.model.growing_head
-
-    def _rebuild_model(self) -> None:
-        torch.manual_seed(self.cfg.seed)
-        first = self.benchmark.train_stream[0].classes_in_this_experience
-        self.trainer.model = build_model(self.cfg.model.name, **model_kwargs(self.cfg.model, max(first) + 1))
 
     def results(self) -> dict[str, Any]:
         R = self.accuracy_matrix
-        return {
+        out = {
             "accuracy_matrix": R,
             **summarize(R),
             "class_order": self.benchmark.class_order,
             "classes_per_experience": self.benchmark.classes_per_experience,
+            "class_names": self.benchmark.class_names,
+            "in_memory": self.benchmark.in_memory,
+            "history_bytes": 0 if self.trainer.history is None else self.trainer.history.nbytes,
             "train_eval_time_s": self.train_time_s,
         }
+        stats = self.plugin("summary")
+        if stats is not None and hasattr(stats, "plot_stats"):
+            out["gradient_stats"] = {str(k): v for k, v in stats.summary().items()}
+        return out
 
+    def report(self, results: dict[str, Any]) -> str:
+        return format_matrix(results["accuracy_matrix"])
 
-def save_run_package(runner: ClassificationRun, path: Path) -> Path:
-    """The trained model as a deployable package (with its exemplars, for ``incremental update``)."""
-    from ..package import save_model
-    from ..update_classifier import classifier_package_extra
+    def save_package(self, path: Path) -> Path:
+        """The trained model as a deployable package (with its exemplars, for ``incremental update``)."""
+        from ..package import save_model
+        from ..update_classifier import classifier_package_extra
 
-    model = runner.trainer.model
-    n_out = model.classifier.n_classes
-    return save_model(path, model, kind="classifier", architecture=runner.cfg.model.name,
-                      arch_kwargs=model_kwargs(runner.cfg.model, n_out), class_names=[str(c) for c in range(n_out)],
-                      extra=classifier_package_extra(runner.trainer.history))
+        model = self.trainer.model
+        n_out = model.classifier.n_classes
+        kwargs = {k: v for k, v in self.model_kwargs(n_out).items() if k != "weights"}  # weights are in the package
+        names = self.benchmark.class_names
+        return save_model(path, model, kind="classifier", architecture=self.cfg.model.name, arch_kwargs=kwargs,
+                          class_names=[names[i] if i < len(names) else str(i) for i in range(n_out)],
+                          extra=classifier_package_extra(self.trainer.history, self.input_spec()))
+
+    def input_spec(self) -> dict[str, Any]:
+        """What the model takes, stored in its package so updates and predictions prepare data alike."""
+        shape = self.benchmark.input_shape
+        normalize = self.cfg.scenario.transforms.normalize
+        spec: dict[str, Any] = {"max_value": 1.0}
+        if len(shape) == 1:
+            side = int(shape[0] ** 0.5)
+            spec.update(channels=1, size=[side, side] if side * side == shape[0] else [1, shape[0]], flat=True)
+        else:
+            spec.update(channels=int(shape[0]), size=[int(shape[1]), int(shape[2])], flat=False)
+        if normalize is not None:
+            spec["normalize"] = {"mean": list(normalize.mean), "std": list(normalize.std)}
+        return spec
+
+    def plots(self, out_dir: Path) -> None:
+        names = "+".join(self.cfg.strategy.names()) or "fine-tuning"
+        accuracy_heatmap(self.accuracy_matrix, out_dir / "accuracy_matrix.png",
+                         title=f"{names} on {self.cfg.scenario.name} (seed {self.cfg.seed})")
+        stats = self.plugin("plot_stats")
+        if stats is not None:
+            stats.plot_stats(out_dir)
+
 
 
 def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = False) -> dict[str, Any]:
-    runner = ClassificationRun(cfg, progress=progress)
-    start = 0
-    from ..checkpoint import RunCheckpointer
-
-    checkpointer = RunCheckpointer(out_dir, dataclasses.asdict(cfg))
-    if resume:
-        start = checkpointer.restore(runner)
-    for i in tqdm(range(start, runner.n_experiences), desc="experiences", disable=not progress,
-                  initial=start, total=runner.n_experiences):
-        runner.step(i)
-        checkpointer.save(runner, i + 1)
-    results = runner.results()
-    results["model_package"] = str(out_dir / "model.pt")
-    if is_main_process():
-        save_run_package(runner, out_dir / "model.pt")
-        accuracy_heatmap(results["accuracy_matrix"], out_dir / "accuracy_matrix.png",
-                         title=f"{cfg.strategy.name} on Split Digits (seed {cfg.seed})")
-    for plugin in runner.trainer.plugins:  # per-iteration statistics of plugins that keep them
-        if hasattr(plugin, "summary") and hasattr(plugin, "plot_stats"):
-            results["gradient_stats"] = {str(k): v for k, v in plugin.summary().items()}
-            if is_main_process():
-                plugin.plot_stats(out_dir)
-    results["report"] = format_matrix(results["accuracy_matrix"])
-    return results
+    return execute(ClassificationRun(cfg, out_dir, progress), out_dir, resume=resume)

@@ -23,6 +23,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int | None = 1
     amp: bool = False
+    num_workers: int = 0  # DataLoader worker processes for data read lazily (0: in the main process)
 
     def validate(self) -> None:
         check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -30,6 +31,7 @@ class TrainConfig:
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
         check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 or null")
+        check(self.num_workers >= 0, "train.num_workers", f"must be >= 0, got {self.num_workers}")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "train.device",
               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -10,11 +10,13 @@ One run of ``scenario.name: detection_scenes``:
 4. the meta model predicts on ``feedback.n_images`` transfer images; a simulated person verifies the
    predictions from the ground truth (``feedback.error_rate``); step A turns the verification into
    training annotations (:mod:`incremental.detection.feedback`), counted per category;
-5. adapt on those samples with ``strategy.name``: ``finetune`` (the samples alone), ``replay`` (the
-   history library of general-scene samples trained together with them) or ``gradient_mixing``
-   (history and transfer gradients mixed by similarity, :class:`strategies.gradient_mixing.GradientMixingPlugin`);
-   ``strategy.pseudo_labels`` / ``strategy.distillation`` add
-   :class:`strategies.pseudo_label_distillation.PseudoLabelDistillationPlugin` on the box head;
+5. adapt on those samples with ``strategy.plugins`` (none: fine-tuning on the samples alone;
+   ``replay``: the history library of general-scene samples trained together with them;
+   ``gradient_mixing``: history and transfer gradients mixed by similarity;
+   ``pseudo_label_distillation``: the frozen meta model's boxes as pseudo labels for the old classes
+   and box-head distillation weighted by 1 - p_old(background), with the detector options
+   ``pseudo_score`` and ``distill_skip_annotated_new``; ``dynamic_loss_weighting``: weights over the
+   detector's four loss terms), in any combination;
 6. measure again (after). results.json carries ``ap_general`` and ``ap_transfer`` (``before`` /
    ``after``, each with AP and AP50 in points, 0-100), per-class AP and the feedback counts.
 
@@ -40,12 +42,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..buffer import STORAGE_POLICIES, HistoryLibrary
 from ..config import ConfigError, check
 from ..data import Experience
 from ..trainer import seed_everything
-
-STRATEGIES = ("finetune", "replay", "gradient_mixing")
+from .base import LegacyUpdate, Run, RunConfig, execute, legacy_history, take, unknown_legacy
 
 
 @dataclass
@@ -135,33 +135,6 @@ class FeedbackConfig:
 
 
 @dataclass
-class StrategyConfig:
-    name: Literal["finetune", "replay", "gradient_mixing"] = "gradient_mixing"
-    mem_size: int = 200
-    storage_policy: str = "reservoir"
-    rule: str = "similarity"
-    history_batch_size: int | None = None
-    # new classes (METHODS 3 on the box head): the frozen meta model's boxes as pseudo labels for the
-    # old classes, and box-head distillation weighted by 1 - p_old(background)
-    pseudo_labels: bool = False
-    distillation: bool = False
-    lambda_distill: float = 0.1  # measured on the new-class variant: 1.0 over-constrains the box head
-    pseudo_score: float = 0.5
-    distill_skip_annotated_new: bool = False  # no distillation on proposals over annotated new-class boxes
-
-    def validate(self) -> None:
-        check(self.lambda_distill >= 0, "strategy.lambda_distill", f"must be >= 0, got {self.lambda_distill}")
-        check(0 <= self.pseudo_score <= 1, "strategy.pseudo_score", f"must be in [0, 1], got {self.pseudo_score}")
-        check(self.mem_size >= 0, "strategy.mem_size", f"must be >= 0, got {self.mem_size}")
-        if self.name in ("replay", "gradient_mixing"):
-            check(self.mem_size > 0, "strategy.mem_size", f"{self.name} needs a history library (mem_size > 0)")
-        check(self.storage_policy in STORAGE_POLICIES, "strategy.storage_policy",
-              f"unknown policy {self.storage_policy!r} for detection; known: {', '.join(sorted(STORAGE_POLICIES))}")
-        if self.history_batch_size is not None:
-            check(self.history_batch_size >= 1, "strategy.history_batch_size", "must be >= 1")
-
-
-@dataclass
 class TrainConfig:
     device: str = "cpu"
     threads: int | None = 1
@@ -173,24 +146,64 @@ class TrainConfig:
 
 
 @dataclass
-class Config:
-    seed: int = 0
+class Config(RunConfig):
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        if self.strategy.name == "gradient_mixing":
-            try:
-                from strategies.gradient_mixing import RULES
-            except ImportError:  # pragma: no cover - the strategy ships with the package
-                raise ConfigError("strategy.name", "gradient_mixing is not available in this version") from None
-            check(self.strategy.rule in RULES, "strategy.rule",
-                  f"unknown rule {self.strategy.rule!r}; known: {', '.join(sorted(RULES))}")
+        check(self.strategy.regime == "incremental", "strategy.regime",
+              "detection adapts the deployed model; cumulative and joint do not apply")
+
+
+#: The distillation weight measured for Faster R-CNN's box head (docs/detection.md: 1.0 over-constrains it).
+DETECTOR_LAMBDA_DISTILL = 0.1
+
+
+def legacy(old: dict[str, Any]) -> LegacyUpdate:
+    """The detectors' old ``strategy.name`` (finetune, replay, gradient_mixing) and the
+    ``pseudo_labels`` / ``distillation`` flags with their options, in the new form."""
+    update = LegacyUpdate(history=legacy_history(old))
+    rule = take(old, "rule")
+    pl = take(old, "pseudo_labels", "distillation", "lambda_distill", "pseudo_score", "distill_skip_annotated_new")
+    name = old.pop("name", None)
+    unknown_legacy(old)
+    update.options = {k: v for k, v in (("gradient_mixing", rule), ("pseudo_label_distillation", pl)) if v}
+    if name is None and not ({"pseudo_labels", "distillation"} & set(pl)):
+        return update
+    plugins: list[dict[str, Any]] = []
+    if pl.get("pseudo_labels") or pl.get("distillation"):
+        plugins.append({"name": "pseudo_label_distillation", **pl})
+    if name in ("replay", "gradient_mixing"):
+        plugins.append({"name": name, **(rule if name == "gradient_mixing" else {})})
+    elif name not in (None, "finetune", "naive"):
+        raise ConfigError("strategy.name", f"must be one of finetune, replay, gradient_mixing (or use "
+                                           f"strategy.plugins), got {name!r}")
+    update.plugins = plugins
+    update.options = {}
+    return update
+
+
+def plugin_hooks(meta_model: nn.Module) -> dict[str, Any]:
+    """What detection adds to the registry's plugins: the frozen meta model and the Faster R-CNN
+    adapter (its ``pseudo_score`` and ``distill_skip_annotated_new`` options) for pseudo labels and
+    distillation, with the distillation weight measured for the box head."""
+    from strategies.registry import FamilyHook
+
+    def pseudo_label_distillation(options: dict[str, Any]) -> dict[str, Any]:
+        from ..detection.distillation import FasterRCNNAdapter, PseudoBoxConfig
+
+        check(0 <= options["pseudo_score"] <= 1, "pseudo_score", f"must be in [0, 1], got {options['pseudo_score']}")
+        adapter = FasterRCNNAdapter(PseudoBoxConfig(score=options["pseudo_score"],
+                                                    skip_annotated_new=options["distill_skip_annotated_new"]))
+        return {"old_model": meta_model, "adapter": adapter, "lambda_distill": DETECTOR_LAMBDA_DISTILL}
+
+    return {"pseudo_label_distillation": FamilyHook(
+        pseudo_label_distillation, options={"pseudo_score": float, "distill_skip_annotated_new": bool},
+        defaults={"pseudo_score": 0.5, "distill_skip_annotated_new": False})}
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -353,39 +366,34 @@ def new_class_data(scenes: Scenes, n_images: int, old_classes: list[str]) -> tup
     return DetectionData(data, pool.class_names, pool.category_ids, pool.image_ids[:n_images], {}, "new-class data"), report
 
 
-def adapt(cfg: Config, meta_model: nn.Module, feedback: Any, scenes: Scenes, *, progress: bool = False
-          ) -> tuple[nn.Module, dict[str, Any]]:
-    """Adapt a copy of the meta model on the feedback samples with ``cfg.strategy``."""
+def _history(cfg: Config) -> Any:
+    from ..buffer import HistoryLibrary
+
+    h = cfg.strategy.history
+    return HistoryLibrary(h.mem_size, h.policy, seed=cfg.seed) if h.mem_size else None
+
+
+def adapt(cfg: Config, meta_model: nn.Module, feedback: Any, scenes: Scenes, *, progress: bool = False,
+          run: "DetectionRun | None" = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Adapt a copy of the meta model on the feedback samples with ``cfg.strategy``'s plugins."""
     import copy
+
+    from strategies.registry import build_plugins
 
     from ..detection.trainer import DetectionTrainer
 
     seed_everything(cfg.seed)
     model = copy.deepcopy(meta_model).train()
-    s = cfg.strategy
-    history = None
-    plugins: list[Any] = []
-    if s.name in ("replay", "gradient_mixing"):
-        history = HistoryLibrary(s.mem_size, s.storage_policy, seed=cfg.seed)
+    history = run.make_history() if run is not None else _history(cfg)
+    if history is not None:
         history.update(scenes.general_train.samples)
-    if s.pseudo_labels or s.distillation:
-        from strategies.pseudo_label_distillation import PseudoLabelDistillationPlugin
-
-        from ..detection.distillation import FasterRCNNAdapter, PseudoBoxConfig
-
-        plugins.append(PseudoLabelDistillationPlugin(
-            meta_model, adapter=FasterRCNNAdapter(PseudoBoxConfig(score=s.pseudo_score,
-                                                                  skip_annotated_new=s.distill_skip_annotated_new)),
-            pseudo_labels=s.pseudo_labels, distillation=s.distillation, lambda_distill=s.lambda_distill))
-    if s.name == "gradient_mixing":
-        from strategies.gradient_mixing import GradientMixingPlugin
-
-        plugins.append(GradientMixingPlugin(rule=s.rule, seed=cfg.seed))
+    plugins = (run.make_plugins(plugin_hooks(meta_model)) if run is not None else
+               build_plugins(cfg.strategy.plugins, plugin_hooks(meta_model), defaults={"seed": cfg.seed}))
     data = feedback.samples
     trainer = DetectionTrainer(model, make_optimizer(cfg.adapt, model), class_names=scenes.class_names,
                                old_classes=scenes.old_classes, train_mb_size=cfg.adapt.batch_size,
                                train_epochs=cfg.adapt.effective_epochs(len(data)), device=cfg.train.device,
-                               plugins=plugins, history=history, history_mb_size=s.history_batch_size,
+                               plugins=plugins, history=history, history_mb_size=cfg.strategy.history.batch_size,
                                seed=cfg.seed, progress=progress)
     trainer.classes_seen = set(range(1, len(scenes.old_classes) + 1))
     labels = sorted({int(l) for _, t, _ in data.samples for l in t["labels"].tolist()} | trainer.classes_seen)
@@ -399,6 +407,10 @@ def adapt(cfg: Config, meta_model: nn.Module, feedback: Any, scenes: Scenes, *, 
         elif name == "PseudoLabelDistillationPlugin":
             info["pseudo_label_distillation"] = plugin.summary()
             plugin.adapter.close()
+        elif name == "DynamicLossWeightingPlugin":
+            info["loss_weights"] = dict(plugin.weights)
+    if run is not None:
+        run.trainer = ModelState(trainer.model)
     return trainer.model.eval(), info
 
 
@@ -431,56 +443,135 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class ModelState:
+    """Checkpoint view of a model outside a training loop: the meta model after step 0, the adapted
+    one after step 1. Restoring keeps the weights aside (``restored``): the run decides what they are."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.restored: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        from ..trainer import capture_rng_state
+
+        return {"model": self.model.state_dict(), "rng": capture_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from ..trainer import restore_rng_state
+
+        self.restored = state["model"]
+        restore_rng_state(state["rng"])
+
+
+class DetectionRun(Run):
+    """Step 0: the meta model on the general scene (trained, or reused from ``OUT/meta_model.pt`` when
+    that package has the same settings). Step 1: feedback (or new-class annotations) on the transfer
+    scene and adaptation with the plugins. After each step: COCO AP on both test sets."""
+
+    n_steps = 2
+
+    def __init__(self, cfg: Config, out_dir: Path | str = ".", progress: bool = False, resume: bool = False) -> None:
+        from ..detection.model import build_detector
+
+        super().__init__(cfg, out_dir, progress)
+        self.scenes = make_scenes(cfg.scenario, cfg.seed, cfg.feedback.n_images)
+        self.meta_path = self.out_dir / "meta_model.pt"
+        if not resume and self.meta_path.exists():
+            self.meta_path.unlink()
+        self.meta = build_detector(**detector_kwargs_for(cfg, len(self.scenes.old_classes)))
+        self.check_plugins(plugin_hooks(self.meta))  # before the meta model is trained
+        self.trainer: Any = ModelState(self.meta)
+        self.evaluations: list[dict[str, Any]] = []
+        self.feedback_report: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
+        self.meta_reused = False
+        self.meta_time_s = self.adapt_time_s = 0.0
+
+    def _evaluate(self, model: nn.Module) -> list[float]:
+        bs, sc = self.cfg.train.eval_batch_size, self.scenes
+        general = evaluate(model, sc.general_test, sc.class_names, sc.old_classes, bs)
+        transfer = evaluate(model, sc.transfer_test, sc.class_names, sc.old_classes, bs)
+        self.evaluations.append({"general": general, "transfer": transfer})
+        row = [general["AP"] or 0.0, transfer["AP"] or 0.0]
+        self.accuracy_matrix.append(row)
+        return row
+
+    def step(self, i: int) -> list[float]:
+        start = time.perf_counter()
+        cfg = self.cfg
+        if i == 0:
+            meta, self.meta_reused = load_or_train_meta(cfg, self.scenes, self.meta_path, progress=self.progress)
+            self.meta.load_state_dict(meta.state_dict())
+            self.meta.eval()
+            self.meta_time_s = time.perf_counter() - start
+            row = self._evaluate(self.meta)
+        else:
+            if cfg.scenario.new_classes:  # the transfer scene brings new classes, annotated for them only
+                feedback, self.feedback_report = new_class_data(self.scenes, cfg.feedback.n_images, self.scenes.old_classes)
+            else:
+                feedback, self.feedback_report = collect_feedback(self.meta, self.scenes, cfg.feedback.n_images,
+                                                                  cfg.feedback, cfg.seed)
+            t = time.perf_counter()
+            model, self.info = adapt(cfg, self.meta, feedback, self.scenes, progress=self.progress, run=self)
+            self.adapt_time_s = time.perf_counter() - t
+            row = self._evaluate(model)
+        self.train_time_s += time.perf_counter() - start
+        return row
+
+    def extra_state(self) -> dict[str, Any]:
+        info = {k: v for k, v in self.info.items() if k != "plugin"}
+        return {"evaluations": self.evaluations, "feedback_report": self.feedback_report, "info": info,
+                "meta_reused": self.meta_reused, "meta_time_s": self.meta_time_s, "adapt_time_s": self.adapt_time_s}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.evaluations = list(state["evaluations"])
+        self.feedback_report = dict(state["feedback_report"])
+        self.info = dict(state["info"])
+        self.meta_reused = bool(state["meta_reused"])
+        self.meta_time_s = float(state["meta_time_s"])
+        self.adapt_time_s = float(state["adapt_time_s"])
+        if len(self.evaluations) == 1 and self.trainer.restored is not None:  # the meta model: adapt it next
+            self.meta.load_state_dict(self.trainer.restored)
+            self.meta.eval()
+
+    def results(self) -> dict[str, Any]:
+        before, after = self.evaluations[0], self.evaluations[-1]
+        info = {k: v for k, v in self.info.items() if k != "plugin"}
+        results: dict[str, Any] = {
+            "ap_general": {"before": _ap(before["general"]), "after": _ap(after["general"])},
+            "ap_transfer": {"before": _ap(before["transfer"]), "after": _ap(after["transfer"])},
+            "per_class": {
+                "general": {"before": before["general"]["per_class"], "after": after["general"]["per_class"]},
+                "transfer": {"before": before["transfer"]["per_class"], "after": after["transfer"]["per_class"]},
+            },
+            "feedback_counts": self.feedback_report.get("counts"),
+            "simulated_user_errors": self.feedback_report.get("simulated_user_errors"),
+            "new_classes": self.feedback_report.get("new_classes"),
+            "n_feedback": self.cfg.feedback.n_images,
+            "strategy": "+".join(self.cfg.strategy.names()) or "finetune",
+            "adaptation": info,
+            "meta_model_reused": self.meta_reused,
+            "meta_time_s": self.meta_time_s,
+            "adapt_time_s": self.adapt_time_s,
+        }
+        return results
+
+    def report(self, results: dict[str, Any]) -> str:
+        return format_report(results)
+
+    def plots(self, out_dir: Path) -> None:
+        from ..plots import bar_chart
+
+        before, after = self.evaluations[0], self.evaluations[-1]
+        bar_chart({"general": {"before": before["general"]["AP"] or 0.0, "after": after["general"]["AP"] or 0.0},
+                   "transfer": {"before": before["transfer"]["AP"] or 0.0, "after": after["transfer"]["AP"] or 0.0}},
+                  out_dir / "ap_before_after.png", ylabel="COCO AP (points)",
+                  title=f"{'+'.join(self.cfg.strategy.names()) or 'fine-tuning'}, {self.cfg.feedback.n_images} "
+                        f"feedback images (seed {self.cfg.seed})")
+        plugin = self.info.get("plugin")
+        if plugin is not None and hasattr(plugin, "plot_stats"):
+            plugin.plot_stats(out_dir, prefix="gradient_mixing")
+
+
 def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = False) -> dict[str, Any]:
-    from ..plots import bar_chart
-
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    out_dir = Path(out_dir)
-    start = time.perf_counter()
-    scenes = make_scenes(cfg.scenario, cfg.seed, cfg.feedback.n_images)
-    # The meta model is the expensive part: it is kept as a package and reused by --resume.
-    meta_path = out_dir / "meta_model.pt"
-    if not resume and meta_path.exists():
-        meta_path.unlink()
-    meta, reused = load_or_train_meta(cfg, scenes, meta_path, progress=progress)
-    meta_time = time.perf_counter() - start
-    bs = cfg.train.eval_batch_size
-    before_general = evaluate(meta, scenes.general_test, scenes.class_names, scenes.old_classes, bs)
-    before_transfer = evaluate(meta, scenes.transfer_test, scenes.class_names, scenes.old_classes, bs)
-    if cfg.scenario.new_classes:  # the transfer scene brings new classes, annotated for them only
-        feedback, fb_report = new_class_data(scenes, cfg.feedback.n_images, scenes.old_classes)
-    else:
-        feedback, fb_report = collect_feedback(meta, scenes, cfg.feedback.n_images, cfg.feedback, cfg.seed)
-    t = time.perf_counter()
-    model, info = adapt(cfg, meta, feedback, scenes, progress=progress)
-    adapt_time = time.perf_counter() - t
-    after_general = evaluate(model, scenes.general_test, scenes.class_names, scenes.old_classes, bs)
-    after_transfer = evaluate(model, scenes.transfer_test, scenes.class_names, scenes.old_classes, bs)
-
-    plugin = info.pop("plugin", None)
-    if plugin is not None and hasattr(plugin, "plot_stats"):
-        plugin.plot_stats(out_dir, prefix="gradient_mixing")
-    results: dict[str, Any] = {
-        "ap_general": {"before": _ap(before_general), "after": _ap(after_general)},
-        "ap_transfer": {"before": _ap(before_transfer), "after": _ap(after_transfer)},
-        "per_class": {
-            "general": {"before": before_general["per_class"], "after": after_general["per_class"]},
-            "transfer": {"before": before_transfer["per_class"], "after": after_transfer["per_class"]},
-        },
-        "feedback_counts": fb_report["counts"],
-        "simulated_user_errors": fb_report["simulated_user_errors"],
-        "new_classes": fb_report["new_classes"],
-        "n_feedback": cfg.feedback.n_images,
-        "strategy": cfg.strategy.name,
-        "adaptation": info,
-        "meta_model_reused": reused,
-        "meta_time_s": meta_time,
-        "adapt_time_s": adapt_time,
-    }
-    bar_chart({"general": {"before": before_general["AP"] or 0.0, "after": after_general["AP"] or 0.0},
-               "transfer": {"before": before_transfer["AP"] or 0.0, "after": after_transfer["AP"] or 0.0}},
-              out_dir / "ap_before_after.png", ylabel="COCO AP (points)",
-              title=f"{cfg.strategy.name}, {cfg.feedback.n_images} feedback images (seed {cfg.seed})")
-    results["report"] = format_report(results)
-    return results
+    return execute(DetectionRun(cfg, out_dir, progress, resume), out_dir, resume=resume)

@@ -17,19 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import ConfigError, check
-from ..distributed import is_main_process, resolve_device
+from ..distributed import resolve_device
 from ..metrics import format_matrix, summarize
-from ..models import build_model
 from ..plots import bar_chart
 from ..scenarios.digits_transfer import GENERAL, TRANSFER, digits_transfer
-from ..trainer import Trainer, seed_everything
-from .classification import ModelConfig, StrategyConfig, TrainConfig, build_strategy, make_optimizer, model_kwargs
-
-#: Strategies that make sense for adapting one model to one new scene.
-TRANSFER_STRATEGIES = ("naive", "replay", "gradient_mixing", "lwf", "ewc")
+from ..trainer import Trainer
+from .base import Run, RunConfig, execute
+from .classification import ModelConfig, TrainConfig, build_classifier, make_optimizer
+from .classification import legacy as classification_legacy
 
 
 @dataclass
@@ -63,49 +60,46 @@ class GeneralConfig:
 
 
 @dataclass
-class Config:
-    seed: int = 0
+class Config(RunConfig):
     scenario: TransferScenarioConfig = field(default_factory=TransferScenarioConfig)
     general: GeneralConfig = field(default_factory=GeneralConfig)
-    strategy: StrategyConfig = field(default_factory=lambda: StrategyConfig(name="gradient_mixing"))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=200, lr=0.1))
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
         check(self.scenario.name == "digits_transfer", "scenario.name", "this runner handles digits_transfer")
-        check(self.strategy.name in TRANSFER_STRATEGIES, "strategy.name",
-              f"{self.strategy.name!r} is not a transfer strategy; use one of {', '.join(TRANSFER_STRATEGIES)}")
+        check(self.strategy.regime == "incremental", "strategy.regime",
+              "a transfer run adapts one model to one new scene; cumulative and joint do not apply")
         check(not self.model.growing_head, "model.growing_head", "both scenes have all 10 classes; use a fixed head")
 
 
-class TransferRun:
-    """The two steps of a transfer run, checkpointable between them (``RunCheckpointer``)."""
+legacy = classification_legacy  # the old strategy names of transfer configs are the classifiers' ones
 
+
+class TransferRun(Run):
+    """The two steps of a transfer run, checkpointable between them."""
+
+    n_steps = 2
     n_experiences = 2
 
-    def __init__(self, cfg: Config, progress: bool = False) -> None:
-        self.cfg = cfg
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        seed_everything(cfg.seed)
+    def __init__(self, cfg: Config, out_dir: Path | str = ".", progress: bool = False) -> None:
+        super().__init__(cfg, out_dir, progress)
         s = cfg.scenario
         try:
             self.scenario = digits_transfer(s.shots, test_fraction=s.test_fraction, invert=s.invert,
                                             rotation=s.rotation, noise_std=s.noise_std, seed=cfg.seed)
         except ValueError as exc:  # e.g. more shots than a class has training images
             raise ConfigError("scenario.shots", str(exc)) from None
-        self.model = build_model(cfg.model.name, **model_kwargs(cfg.model, self.scenario.n_classes))
-        self.plugins, history = build_strategy(cfg.strategy, cfg.seed)
+        self.model = build_classifier(cfg.model, self.scenario.n_classes, (64,))
+        plugins, history = self.make_plugins(), self.make_history()
         g = cfg.general
         general_opt = make_optimizer(dataclasses.replace(cfg.train, lr=g.lr), self.model)
         self.trainer = Trainer(
             self.model, general_opt, torch.nn.CrossEntropyLoss(),
             train_mb_size=g.batch_size, train_epochs=g.epochs, eval_mb_size=cfg.train.eval_batch_size,
-            device=resolve_device(cfg.train.device), plugins=self.plugins, history=history,
-            history_mb_size=cfg.strategy.history_batch_size, seed=cfg.seed, progress=progress, amp=cfg.train.amp,
+            device=resolve_device(cfg.train.device), plugins=plugins, history=history,
+            history_mb_size=cfg.strategy.history.batch_size, seed=cfg.seed, progress=progress, amp=cfg.train.amp,
         )
-        self.accuracy_matrix: list[list[float]] = []
-        self.train_time_s = 0.0
         self.step_time_s: list[float] = []
 
     def step(self, i: int) -> list[float]:
@@ -132,6 +126,21 @@ class TransferRun:
     def gradient_plugin(self) -> Any:
         return next((p for p in self.plugins if hasattr(p, "summary") and hasattr(p, "plot_stats")), None)
 
+    def report(self, results: dict[str, Any]) -> str:
+        return (format_matrix(results["accuracy_matrix"], row_label="after step", col_label="scene")
+                + "\n(step 0 = general scene (meta model), step 1 = transfer scene (adaptation); "
+                  "scene 0 = general, 1 = transfer)")
+
+    def plots(self, out_dir: Path) -> None:
+        results = self.results()
+        names = "+".join(self.cfg.strategy.names()) or "fine-tuning"
+        bar_chart({"general scene": results["general_accuracy"], "transfer scene": results["transfer_accuracy"]},
+                  out_dir / "accuracy_before_after.png", ylabel="accuracy",
+                  title=f"{names}, {self.cfg.scenario.shots} shots")
+        plugin = self.gradient_plugin()
+        if plugin is not None:
+            plugin.plot_stats(out_dir)
+
     def results(self) -> dict[str, Any]:
         R = self.accuracy_matrix
         before, after = R[0], R[-1]
@@ -154,27 +163,4 @@ class TransferRun:
 
 
 def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = False) -> dict[str, Any]:
-    from ..checkpoint import RunCheckpointer
-
-    runner = TransferRun(cfg, progress=progress)
-    checkpointer = RunCheckpointer(out_dir, dataclasses.asdict(cfg))
-    start = checkpointer.restore(runner) if resume else 0
-    names = ["general scene (meta model)", "transfer scene (adaptation)"]
-    for i in tqdm(range(start, runner.n_experiences), desc="steps", disable=not progress, initial=start,
-                  total=runner.n_experiences):
-        runner.step(i)
-        checkpointer.save(runner, i + 1)
-    results = runner.results()
-    out_dir = Path(out_dir)
-    if is_main_process():  # data-parallel runs: every rank holds the same numbers, rank 0 writes
-        bar_chart(
-            {"general scene": results["general_accuracy"], "transfer scene": results["transfer_accuracy"]},
-            out_dir / "accuracy_before_after.png", ylabel="accuracy",
-            title=f"{cfg.strategy.name}, {cfg.scenario.shots} shots",
-        )
-        plugin = runner.gradient_plugin()
-        if plugin is not None:
-            plugin.plot_stats(out_dir)
-    results["report"] = (format_matrix(results["accuracy_matrix"], row_label="after step", col_label="scene")
-                         + f"\n(step 0 = {names[0]}, step 1 = {names[1]}; scene 0 = general, 1 = transfer)")
-    return results
+    return execute(TransferRun(cfg, out_dir, progress), out_dir, resume=resume)
