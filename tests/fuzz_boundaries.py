@@ -83,6 +83,7 @@ def assets() -> Assets:
     panoptic = save_model(root / "panoptic.pt", build_panoptic_model(n_classes=4, **tiny), kind="panoptic",
                           architecture="panoptic_tiny", arch_kwargs={"n_classes": 4, **tiny}, class_names=old,
                           extra=package_extra(old, [0, 1], 32))
+    (root / "idx_config.yaml").write_text(IDX_CONFIG)
     return Assets(root, classifier, npz, root / "detector.pt", root / "scene", panoptic)
 
 
@@ -483,6 +484,86 @@ def run_panoptic_update(path: Path, out: Path, a: Assets) -> list[str]:
     return ["update", "--model", str(a.panoptic), "--data", str(path.parent), "--out", str(out), "--epochs", "1", "--quiet"]
 
 
+# ============================================================================ IDX (MNIST format)
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_CONFIG = ("seed: 0\nscenario: {name: class_incremental, source: idx, n_experiences: 2}\n"
+              "train: {epochs: 1, batch_size: 16}\nmodel: {name: mlp, hidden_size: 8}\n")
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    import struct
+
+    code = {np.dtype(np.uint8): 0x08, np.dtype(np.int64): 0x0C}[array.dtype]
+    if code == 0x0C:
+        array = array.astype(">i4")
+    return bytes([0, 0, code, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
+
+
+@functools.lru_cache(maxsize=None)
+def _idx_seed_files() -> dict[str, bytes]:
+    """The first images of the real Fashion-MNIST files (generated ones where they are not installed),
+    as IDX bytes: train as plain files, t10k gzipped, as people have them."""
+    import gzip
+
+    from incremental.sources import read_idx
+
+    files = {}
+    for split, n in (("train", 40), ("t10k", 20)):
+        for kind in ("images-idx3", "labels-idx1"):
+            source = FASHION_MNIST / f"{split}-{kind}-ubyte.gz"
+            if source.is_file():
+                array = read_idx(source)[:n]
+            else:
+                rng = np.random.default_rng(0)
+                shape = (n, 28, 28) if kind.startswith("images") else (n,)
+                array = rng.integers(0, 10 if len(shape) == 1 else 256, shape).astype(np.uint8)
+            raw = _idx_bytes(array)
+            files[f"{split}-{kind}-ubyte"] = raw if split == "train" else gzip.compress(raw, mtime=0)
+    return {name + (".gz" if name.startswith("t10k") else ""): raw for name, raw in files.items()}
+
+
+def seed_idx(folder: Path, _: Assets) -> Path:
+    root = folder / "idx"
+    root.mkdir()
+    for name, raw in _idx_seed_files().items():
+        (root / name).write_bytes(raw)
+    return root
+
+
+def mutate_idx(data: Any, root: Path) -> None:
+    files = sorted(root.iterdir())
+    target = data.draw(st.sampled_from(files), label="file")
+    op = data.draw(st.sampled_from(["bytes", "header", "header", "dims", "delete", "swap"]), label="idx op")
+    if op == "delete":
+        target.unlink()
+    elif op == "swap":
+        other = data.draw(st.sampled_from(files), label="other")
+        raw = other.read_bytes()
+        other.write_bytes(target.read_bytes())
+        target.write_bytes(raw)
+    elif op == "bytes" or target.suffix == ".gz":
+        mutate_bytes(data, target)
+    else:
+        raw = bytearray(target.read_bytes())
+        if op == "header":  # magic, data type code or number of dimensions
+            raw[data.draw(st.integers(0, 3), label="at")] = data.draw(st.integers(0, 255), label="byte")
+        else:  # a dimension that promises another size
+            ndim = raw[3]
+            k = data.draw(st.integers(0, max(ndim - 1, 0)), label="dim")
+            raw[4 + 4 * k: 8 + 4 * k] = data.draw(st.sampled_from([0, 1, 27, 29, 41, 2**31, 2**32 - 1])).to_bytes(4, "big")
+        target.write_bytes(bytes(raw))
+
+
+def load_idx_pair(root: Path, _: Assets) -> Any:
+    from incremental.sources import load_idx
+
+    return load_idx(root, "train"), load_idx(root, "test")
+
+
+def run_idx(root: Path, out: Path, a: Assets) -> list[str]:
+    return ["run", str(a.root / "idx_config.yaml"), "--out", str(out), "--quiet", "--set", f"scenario.root={root}"]
+
+
 # ============================================================================ model packages
 def seed_package(folder: Path, a: Assets) -> Path:
     return Path(shutil.copy(a.classifier, folder / "model.pt"))
@@ -532,4 +613,5 @@ BOUNDARIES: list[Boundary] = [
     Boundary("coco_panoptic", seed_panoptic, mutate_panoptic, load_panoptic, run_panoptic_update,
              cli_when_loaded=False, slow_examples=1000),
     Boundary("model_package", seed_package, mutate_package, load_package, run_package_update),
+    Boundary("idx", seed_idx, mutate_idx, load_idx_pair, run_idx, cli_when_loaded=False, slow_examples=1000),
 ]
