@@ -66,7 +66,10 @@ class LossGuard:
         window, self._window = self._window, []
         if not window:
             return
-        values = torch.stack([v.reshape(()) if v.numel() == 1 else v.sum() for v in window]).float()
+        try:  # one value per iteration (a loss may have shape () or (1,): Avalanche's zeros(1) + loss)
+            values = torch.stack(window).reshape(len(window), -1).float().sum(dim=1)
+        except RuntimeError:  # losses of different shapes
+            values = torch.stack([v.float().sum() for v in window])
         finite = torch.isfinite(values)
         if bool(finite.all()):
             return

@@ -42,9 +42,11 @@ def test_loss_guard_checks_what_is_left_at_the_experience_end_and_ignores_finite
     for i in range(250):
         guard.observe(torch.tensor([0.1 * i]), iteration=i)  # shape (1,) as Avalanche's zeros(1) + loss
     guard.observe(None, iteration=250)
+    guard.observe(torch.tensor(0.5), iteration=250)  # shapes () and (1,) mixed
     guard.check()
-    guard.observe(torch.tensor(float("-inf")), iteration=251)
-    with pytest.raises(NonFiniteLossError, match="iteration 251"):
+    guard.observe(torch.tensor([1.0]), iteration=251)
+    guard.observe(torch.tensor(float("-inf")), iteration=252)
+    with pytest.raises(NonFiniteLossError, match="iteration 252"):
         guard.check()
     guard.check()  # the window was emptied: nothing left to report
 
