@@ -79,7 +79,6 @@ def read_npz_arrays(path: Path, require_class_names: bool = True) -> tuple[np.nd
         raise DataError(f"{path}: x must hold numbers, got dtype {x.dtype}")
     if y.dtype.kind not in "iu":
         raise DataError(f"{path}: y must hold integer class indices, got dtype {y.dtype}")
-    require_finite(x, path)
     class_names = None
     if names is not None:
         if names.dtype.kind not in "US" or names.ndim != 1:
