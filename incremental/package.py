@@ -164,7 +164,8 @@ def load_model(path: str | Path) -> ModelPackage:
     _check_fields(payload, path)
     return ModelPackage(
         kind=payload["kind"], architecture=payload["architecture"], arch_kwargs=dict(payload["arch_kwargs"]),
-        class_names=list(payload["class_names"]), state_dict=payload["state_dict"], extra=dict(payload.get("extra") or {}),
+        class_names=list(payload["class_names"]), state_dict=payload["state_dict"],
+        extra={} if payload.get("extra") is None else dict(payload["extra"]),
         framework_version=str(payload.get("framework_version", "?")), torch_version=str(payload.get("torch_version", "?")),
         format_version=version, path=path,
     )
@@ -181,7 +182,7 @@ def _check_fields(payload: dict[str, Any], path: Path) -> None:
             raise PackageError(f"{path}: package field {key!r} is missing")
         if not isinstance(payload[key], kind):
             raise PackageError(f"{path}: package field {key!r} must be a {kind.__name__}, got {type(payload[key]).__name__}")
-    if not isinstance(payload.get("extra") or {}, dict):
+    if payload.get("extra") is not None and not isinstance(payload["extra"], dict):
         raise PackageError(f"{path}: package field 'extra' must be a dict, got {type(payload['extra']).__name__}")
     names = payload["class_names"]
     if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):

@@ -49,12 +49,13 @@ class UpdateOptions:
 
 def input_spec(package: ModelPackage) -> dict[str, Any]:
     """The input format the model was trained on (``extra['input']``), checked: the package is input."""
-    given = package.extra.get("input") or {}
+    given = package.extra.get("input")
+    given = {} if given is None else given
     if not isinstance(given, dict):
         raise PackageError(f"{package.path}: extra['input'] must be a dict, got {type(given).__name__}")
     spec = {**DEFAULT_INPUT, **given}
     channels, size, max_value = spec["channels"], spec["size"], spec["max_value"]
-    if channels not in (1, 3) or isinstance(channels, bool):
+    if not (isinstance(channels, int) and not isinstance(channels, bool) and channels in (1, 3)):
         raise PackageError(f"{package.path}: extra['input']['channels'] must be 1 or 3, got {channels!r:.80}")
     if not (isinstance(size, (list, tuple)) and len(size) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in size)):

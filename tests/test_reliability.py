@@ -301,11 +301,18 @@ def test_a_package_is_never_saved_from_or_loaded_with_nan_weights(tmp_path):
     (lambda p: p["arch_kwargs"].update(hidden_layers=10**9), "arch_kwargs hidden_layers = 1000000000 is larger than"),
     (lambda p: p["arch_kwargs"].update(hidden_size=9), "weights do not fit architecture 'mlp'"),
     (lambda p: p["arch_kwargs"].update(colour="red"), "cannot be built from arch_kwargs"),
+    (lambda p: p.update(extra=torch.zeros(3)), "package field 'extra' must be a dict, got Tensor"),
+    (lambda p: p["extra"].update(input=torch.zeros(3)), "extra['input'] must be a dict, got Tensor"),
+    (lambda p: p["extra"]["input"].update(channels=torch.zeros(3)), "extra['input']['channels'] must be 1 or 3"),
 ])
 def test_a_package_with_wrong_fields_is_one_line(tmp_path, edit, message):
+    from incremental.update_classifier import input_spec
+
     payload = torch.load(tiny_classifier_package(tmp_path / "good.pt"), weights_only=True)
     edit(payload)
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(PackageError) as err:
-        load_model(tmp_path / "bad.pt").build()
+        package = load_model(tmp_path / "bad.pt")
+        package.build()
+        input_spec(package)
     assert message in str(err.value) and str(tmp_path / "bad.pt") in str(err.value)
