@@ -214,6 +214,8 @@ class HistoryLibrary:
                  collate_fn: Callable[[list], Batch] | None = None) -> None:
         check(isinstance(capacity, numbers.Integral) and not isinstance(capacity, bool) and capacity >= 0,
               "mem_size", f"must be an integer >= 0, got {capacity!r}")
+        check(not isinstance(policy, str) or policy in STORAGE_POLICIES, "policy",
+              f"unknown storage policy {policy!r}; known: {', '.join(sorted(STORAGE_POLICIES))}")
         self.capacity = int(capacity)
         self.policy: StoragePolicy = make_policy(policy) if isinstance(policy, str) else policy
         self.samples: SampleSet | None = None

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .interrupts import deferred
 from .io import save_torch, write_json
 
 CHECKPOINT_FORMAT = 1
@@ -74,11 +75,12 @@ class RunCheckpointer:
             "train_time_s": run.train_time_s,
             "extra": extra or {},
         }
-        path = save_torch(self.path(n_done), state)
-        write_json(path.with_suffix(".json"), {"file": path.name, "sha256": sha256_of(path), "experiences_done": n_done})
-        for old in sorted(self.dir.glob("exp_*.pt"))[: -self.keep]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".json").unlink(missing_ok=True)
+        with deferred():  # Ctrl-C waits until the checkpoint and its hash file are both on disk
+            path = save_torch(self.path(n_done), state)
+            write_json(path.with_suffix(".json"), {"file": path.name, "sha256": sha256_of(path), "experiences_done": n_done})
+            for old in sorted(self.dir.glob("exp_*.pt"))[: -self.keep]:
+                old.unlink(missing_ok=True)
+                old.with_suffix(".json").unlink(missing_ok=True)
         return path
 
     def load_latest(self) -> dict[str, Any] | None:

@@ -1,6 +1,10 @@
 """The ``incremental`` command: ``run`` scenario configs, ``update`` deployed models, ``feedback``.
 
-Exit codes: 0 success, 2 bad input (config, data or model file), 1 anything unexpected.
+Exit codes: 0 success; 2 bad input (config, data or model file, an output that exists or that another
+process is writing), nothing written; 3 training diverged (non-finite loss: the last good checkpoint
+is kept, no model package is written); 1 an output could not be written (disk full, permissions: the
+previous version stays) or anything unexpected; 130 / 143 interrupted by Ctrl-C / SIGTERM (a run
+continues with ``--resume``). Every ending but 0 prints one line on stderr.
 """
 from __future__ import annotations
 
@@ -9,13 +13,18 @@ import dataclasses
 import importlib
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, apply_overrides, from_dict, load_yaml
+from .config import InputError, apply_overrides, from_dict, load_yaml, one_line
+from .guards import DivergedError
+from .interrupts import exit_code, signals_as_exceptions
+from .io import WriteError
+from .locking import OutputBusyError, OutputLock
 
 #: Extra subcommands contributed by feature modules: name -> module with add_parser(sub) and main(args).
 SUBCOMMANDS: dict[str, str] = {
@@ -25,7 +34,7 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad input from the user (exit code 2)."""
 
 
@@ -51,9 +60,8 @@ def prepare_run(config_path: str, overrides: Sequence[str]) -> tuple[Any, Any, d
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .io import write_json
-
     from . import distributed as dist_utils
+    from .io import remove_partial_files, write_json
 
     runner, config, _ = prepare_run(args.config, args.set or [])
     out = Path(args.out)
@@ -67,6 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     main = dist_utils.is_main_process()
     # The output folder is made by the first file written into it: a run refused while its data and
     # model are built (bad data, a class order the data lack) leaves nothing behind.
+    if main:
+        for folder in (out, out / "checkpoints"):  # what a killed run left half-written (we hold the lock)
+            remove_partial_files(folder)
     start = time.perf_counter()
     results = runner.run(config, out, progress=_progress_enabled(args.quiet) and main, resume=args.resume)
     report = results.pop("report", None)
@@ -90,8 +101,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a command-line mistake reported like every other error: one line, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="incremental", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="incremental", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a scenario config (YAML) and write DIR/results.json")
     run.add_argument("config", help="path to a YAML config (see configs/)")
@@ -101,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     run.add_argument("--force", action="store_true", help="overwrite an existing results.json")
     run.add_argument("--quiet", action="store_true", help="no progress bars or tables")
-    run.set_defaults(handler=cmd_run)
+    run.set_defaults(handler=cmd_run, output_arg="out")
     for name, module_name in SUBCOMMANDS.items():
         try:
             module = importlib.import_module(module_name)
@@ -114,33 +132,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except (ConfigError, UsageError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - a DataError may arrive wrapped by a DataLoader worker
-        from .datasets import DataError
+    with signals_as_exceptions():
+        try:
+            with _output_lock(args):
+                return int(args.handler(args) or 0)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (incremental.interrupts)
+            print(one_line(_interrupted_message(args, argv)), file=sys.stderr)
+            return exit_code(exc)
+        except DivergedError as exc:
+            return _fail(f"{exc}; no model package was written", 3)
+        except (InputError, CheckpointError, OutputBusyError) as exc:
+            return _fail(exc, 2)
+        except WriteError as exc:
+            return _fail(exc, 1)
+        except OSError as exc:  # an input that cannot be read (missing file, no permission)
+            return _fail(exc, 2)
 
-        if isinstance(exc, DataError):
-            print(f"error: {one_line(exc)}", file=sys.stderr)
-            return 2
-        raise
+
+def _fail(message: object, code: int) -> int:
+    print(f"error: {one_line(str(message))}", file=sys.stderr)
+    return code
 
 
-def one_line(exc: BaseException) -> str:
-    """The user-facing line of an error. A DataLoader re-raises a worker's exception with the worker's
-    traceback in its message; the original message is its last line."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(exc).__name__
-    last = lines[-1]
-    return last.split(": ", 1)[1] if last.startswith(("incremental.", "DataError")) and ": " in last else last
+def _output_lock(args: argparse.Namespace) -> Any:
+    """The lock of the command's output (``output_arg`` names it), held for the command's whole life.
+
+    In a data-parallel run every rank runs this command; rank 0 holds the lock for all of them.
+    """
+    import contextlib
+
+    output = getattr(args, getattr(args, "output_arg", "") or "", None)
+    if output is None or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return OutputLock(output)
+
+
+def _interrupted_message(args: argparse.Namespace, argv: list[str]) -> str:
+    """One line: where a run stopped and the command that continues it; other commands wrote nothing."""
+    if getattr(args, "command", None) != "run":
+        return "interrupted; nothing was written"
+    done = sorted(Path(args.out).glob("checkpoints/exp_*.json"))
+    k = int(done[-1].stem.split("_")[1]) if done else 0
+    again = shlex.join(["incremental", *[a for a in argv if a not in ("--force", "--resume")], "--resume"])
+    return f"interrupted during experience {k} ({k} done and checkpointed); `{again}` continues"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,8 @@ line naming the dotted key, raised as :class:`ConfigError` (the CLI turns it int
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,7 +20,57 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float rule.
+
+    PyYAML implements YAML 1.1, where a float needs a dot: ``1e-3`` (how most people write a
+    learning rate) is read as the *string* ``'1e-3'``. YAML 1.2 reads ``1e-3``, ``5e2`` and ``.5`` as
+    numbers. Only the float rule changes; integers, booleans and the rest stay as PyYAML reads them.
+    """
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_YAML12_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9]+[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) if tag != _FLOAT_TAG else (tag, _YAML12_FLOAT) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, with YAML 1.2's float rule (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (``\\n``): an error message
+    quotes file names, keys and values the user wrote, and must stay one line whatever they hold."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+class InputError(ValueError):
+    """Base of the project's bad-input errors (config, data, model package, command line): the message
+    is one line naming the file, key or value; the CLI prints it and exits with code 2."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(one_line(_unwrap_worker_message(str(message))))
+
+
+def _unwrap_worker_message(text: str) -> str:
+    """A DataLoader re-raises a worker's error as ``type(error)(message)`` where the message holds the
+    worker's traceback; the user-facing message is its last line, after the exception's name."""
+    if "Traceback (most recent call last)" not in text:
+        return text
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else text
+    name, sep, rest = last.partition(": ")
+    return rest if sep and name.rsplit(".", 1)[-1].endswith("Error") else last
+
+
+class ConfigError(InputError):
     """A bad configuration value; ``str(error)`` is one line naming the key."""
 
     def __init__(self, key: str, message: str) -> None:
@@ -31,9 +83,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("", f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    except RecursionError:
+        raise ConfigError("", f"{path}: nested too deeply to be a config") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -49,8 +105,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = parse_yaml(raw)
+        except (yaml.YAMLError, RecursionError):
             raise ConfigError(key, f"cannot parse value {raw!r} as YAML") from None
         node = data
         parts = key.split(".")
@@ -106,12 +162,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(key, f"expected true or false, got {value!r}")
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # ``mem_size: 5e2`` is how people write 500
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:
+                raise ConfigError(key, f"{value} is out of range (64-bit integers)")
             return value
         raise ConfigError(key, f"expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise ConfigError(key, f"{value} is out of range") from None
+            if not math.isfinite(number):
+                raise ConfigError(key, f"expected a finite number, got {value!r}")
+            return number
         raise ConfigError(key, f"expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

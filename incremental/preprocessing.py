@@ -49,15 +49,17 @@ class Preprocessing:
     resize: int | None = None
 
     def __post_init__(self) -> None:
+        # Values come from flags and from package files: a wrong type is named, never a bare TypeError.
         self.size = as_pair(self.size, "size")
-        self.channels = int(self.channels)
-        self.flat = bool(self.flat)
-        self.max_value = float(self.max_value)
+        self.channels = _converted(self.channels, "channels", int)
+        if not isinstance(self.flat, bool):
+            raise ValueError(f"preprocessing.flat: must be true or false, got {self.flat!r:.80}")
+        self.max_value = _converted(self.max_value, "max_value", float)
         if self.mean is not None:
-            self.mean = [float(v) for v in self.mean]
+            self.mean = _converted(self.mean, "mean", lambda v: [float(e) for e in v])
         if self.std is not None:
-            self.std = [float(v) for v in self.std]
-        self.resize = None if self.resize is None else int(self.resize)
+            self.std = _converted(self.std, "std", lambda v: [float(e) for e in v])
+        self.resize = None if self.resize is None else _converted(self.resize, "resize", int)
         self.validate()
 
     def validate(self) -> None:
@@ -212,10 +214,25 @@ class Preprocessing:
         return self(images_from_array(x, origin), origin)
 
 
+def _converted(value: Any, name: str, kind: Any) -> Any:
+    """``kind(value)`` for a plain number (or list of numbers), else a ValueError naming the field."""
+    if isinstance(value, (bool, torch.Tensor, np.ndarray)) or (kind is not float and kind is not int
+                                                                and isinstance(value, (str, bytes))):
+        raise ValueError(f"preprocessing.{name}: must be {'a number' if kind in (int, float) else 'a list of numbers'}, "
+                         f"got {type(value).__name__}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"preprocessing.{name}: must be {'a number' if kind in (int, float) else 'a list of numbers'}, "
+                         f"got {value!r:.80}") from None
+
+
 def as_pair(size: Any, name: str) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         return (int(size), int(size))
-    values = [int(v) for v in size]
+    if not isinstance(size, (list, tuple)):
+        raise ValueError(f"preprocessing.{name}: must be one size or [height, width], got {type(size).__name__}")
+    values = [_converted(v, name, int) for v in size]
     if len(values) == 1:
         return (values[0], values[0])
     if len(values) != 2:

@@ -31,6 +31,7 @@ from .data import (
     Batch, EpochBatchSampler, TensorSamples, as_batch, batch_indices, batch_size_of, concat_batches, dataset_labels,
     eval_view, global_batch_sizes, in_memory, make_loader, move_to, train_view,
 )
+from .guards import LossGuard
 from .plugins import ALL_CALLBACKS, overrides
 
 
@@ -179,6 +180,7 @@ class Trainer:
         self.amp = bool(amp) and self.device.type == "cuda"
         self._ddp: nn.Module | None = None
         self._loss_weight = 1.0
+        self.loss_guard = LossGuard()  # NaN / inf loss -> NonFiniteLossError (see incremental/guards.py)
 
         # Strategy attributes plugins read (Avalanche's names).
         self.experience: Any = None
@@ -352,6 +354,7 @@ class Trainer:
             self.history.batches(self.history_mb_size, self.sharder) if self.history is not None and len(self.history) else None
         )
         self._fire("before_training_exp", **kwargs)
+        self.loss_guard.start(getattr(self.experience, "current_experience", self.clock.train_exp_counter))
         self.clock.train_exp_iterations = 0
         self.clock.train_exp_epochs = 0
 
@@ -462,6 +465,7 @@ class Trainer:
             self._fire("after_update", **kwargs)
 
             self._fire("after_training_iteration", **kwargs)
+            self.loss_guard.observe(self.loss, self.clock.train_exp_iterations)
             clock = self.clock
             clock.train_epoch_iterations += 1
             clock.train_exp_iterations += 1
@@ -471,6 +475,7 @@ class Trainer:
     def _after_training_exp(self, **kwargs: Any) -> None:
         # The library learns the experience before plugins see after_training_exp, so a plugin that
         # snapshots state there (a checkpoint, a copy of the old model) sees the updated library.
+        self.loss_guard.check()
         if self.history is not None:
             self.history.update(self.adapted_dataset, strategy=self)
         self._train_loader = None  # ends persistent workers

@@ -4,6 +4,11 @@ Dispatches on the package kind to the updater of that model family; every update
 (old-class and new-class quality before and after) that is printed and written as JSON and a PNG bar
 chart. All inputs are checked before anything is written: a bad model file, a data set with no new
 class or a class-name clash leaves the output directory untouched.
+
+An output directory that already holds a package or a report is refused unless ``--force``; even
+then the update runs in a staging directory beside it and its files replace the old ones (each by an
+atomic rename, the package last) only once the update succeeded. So ``--out`` may be the directory of
+``--model`` itself: the deployed package is replaced by a working one or not at all.
 """
 from __future__ import annotations
 
@@ -48,8 +53,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--demo", action="store_true",
                    help="train a digits model on 0-4, then update it with 5-9 (embedded data; --out optional)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the package and report in --out (also --model itself) once the update succeeded")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(handler=cmd_update)
+    p.set_defaults(handler=cmd_update, output_arg="out")
 
 
 def option_value(options: Any, name: str, defaults: dict[str, Any]) -> Any:
@@ -76,11 +83,19 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             "progress": not args.quiet and sys.stderr.isatty()}
 
 
-def run_update(model_path: str, data_path: str, out_dir: Path, options: Any) -> dict[str, Any]:
+#: What an update writes into ``--out``, in the order the files replace earlier ones (the package last).
+OUTPUT_FILES = ("report.json", "report.png", "model.pt")
+
+
+def run_update(model_path: str, data_path: str, out_dir: Path, options: Any, force: bool = False) -> dict[str, Any]:
     """Check inputs, update in a staging directory, then move results into ``out_dir``."""
     from .cli import UsageError
     from .datasets import DataError
 
+    existing = [name for name in ("model.pt", "report.json") if (out_dir / name).exists()]
+    if existing and not force:
+        raise UsageError(f"{out_dir} already holds {' and '.join(existing)}; use --force to replace "
+                         "(after the update succeeded) or choose another --out")
     package = load_model(model_path)
     target = UPDATERS.get(package.kind)
     if target is None:
@@ -93,13 +108,13 @@ def run_update(model_path: str, data_path: str, out_dir: Path, options: Any) -> 
             report = updater.update(package, data_path, staging, options)
         except (DataError, PackageError) as exc:
             raise UsageError(str(exc)) from None
+        report["updated_model"] = str(out_dir / "model.pt")
         write_json(staging / "report.json", report)
         _plot_report(report, staging / "report.png")
         out_dir.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
+        order = {name: k for k, name in enumerate(OUTPUT_FILES)}
+        for item in sorted(staging.iterdir(), key=lambda p: order.get(p.name, -1)):
             item.replace(out_dir / item.name)
-        report["updated_model"] = str(out_dir / "model.pt")
-        write_json(out_dir / "report.json", report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
@@ -130,7 +145,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"incremental update needs {', '.join(missing)} (or --demo)")
     try:
-        report = run_update(args.model, args.data, Path(args.out), _options(args))
+        report = run_update(args.model, args.data, Path(args.out), _options(args), force=args.force)
     except PackageError as exc:
         raise UsageError(str(exc)) from None
     if not args.quiet:
@@ -170,7 +185,7 @@ def run_demo(args: argparse.Namespace) -> int:
     np.savez(out / "old_test.npz", x=x[old_test], y=y[old_test], class_names=np.array([str(c) for c in range(5)]))
     args.old_data = str(out / "old_test.npz")
     args.seed = args.seed if args.seed is not None else 0
-    report = run_update(str(base_path), str(folder), out / "updated", _options(args))
+    report = run_update(str(base_path), str(folder), out / "updated", _options(args), force=True)
     if not args.quiet:
         print(f"base model (digits 0-4): {base_path}")
         print(_format(report))

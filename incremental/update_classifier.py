@@ -28,7 +28,7 @@ from torch import nn
 from .buffer import HistoryLibrary
 from .data import Experience, TensorSamples
 from .datasets import DataError, LabelledData
-from .package import ModelPackage, save_model
+from .package import ModelPackage, PackageError, save_model
 from .preprocessing import LEGACY_INPUT, Preprocessing, load_labelled
 from .trainer import Trainer, seed_everything
 
@@ -59,6 +59,50 @@ class UpdateOptions:
         given = dict(options or {})
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in given.items() if k in names and v is not None})
+
+
+def package_preprocessing(package: ModelPackage) -> Preprocessing:
+    """The package's stored preprocessing, or a PackageError naming ``extra['input']`` (the package is
+    input: a damaged or hand-edited file must not become a confusing failure later)."""
+    given = package.extra.get("input")
+    if given is not None and not isinstance(given, dict):
+        raise PackageError(f"{package.path}: extra['input'] must be a dict, got {type(given).__name__}")
+    try:
+        return Preprocessing.of_package(package)
+    except (TypeError, ValueError) as exc:
+        raise PackageError(f"{package.path}: extra['input'] is unusable ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+
+
+def saved_history(package: ModelPackage, capacity: int, seed: int, prep: Preprocessing) -> HistoryLibrary:
+    """The package's exemplars as a history library, or a PackageError naming what is wrong with them
+    (they are rehearsed beside the new data, so they must have its shape and the model's labels)."""
+    saved = package.extra.get("history")
+    if not isinstance(saved, dict) or saved.get("samples") is None:
+        raise DataError(f"{package.path}: the package carries no exemplars to rehearse; "
+                        "use --strategy lwf (distillation, no old data needed) or naive")
+    try:
+        history = HistoryLibrary(capacity, saved.get("policy", "reservoir"), seed=seed)
+        history.load_state_dict(saved)
+        samples = history.samples
+        if not isinstance(samples, TensorSamples) or not isinstance(samples.y, torch.Tensor):
+            raise TypeError("not a tensor sample set")
+        shape = list(prep.input_shape)
+        x, y = samples.x, samples.y
+        if x.dtype in (torch.bool, torch.complex64, torch.complex128) or list(x.shape[1:]) != shape:
+            raise ValueError(f"samples must be numbers of shape (N, {', '.join(map(str, shape))}), "
+                             f"got {x.dtype} {list(x.shape)}")
+        if not (y.dim() == 1 and len(y) == len(x) and not y.is_floating_point()
+                and (not len(y) or 0 <= int(y.min()) <= int(y.max()) < len(package.class_names))):
+            raise ValueError("labels must be class indices of the package, one per sample")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("samples hold NaN or inf")
+        if not (len(samples.t) == len(samples.labels) == len(x)):
+            raise ValueError("task labels and class labels must have one entry per sample")
+    except Exception as exc:  # noqa: BLE001 - the exemplars come from the file
+        raise PackageError(f"{package.path}: the exemplars in extra['history'] are unusable "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    history.capacity = capacity
+    return history
 
 
 def map_classes(model_names: list[str], data: LabelledData) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -136,8 +180,8 @@ def grow_heads(model: nn.Module, n_classes: int) -> None:
             grow(n_classes)
 
 
-def _exemplars(package: ModelPackage, options: UpdateOptions, old_x: torch.Tensor, old_y: torch.Tensor
-               ) -> tuple[str, HistoryLibrary | None, str | None, str | None, torch.Tensor]:
+def _exemplars(package: ModelPackage, options: UpdateOptions, old_x: torch.Tensor, old_y: torch.Tensor,
+               prep: Preprocessing) -> tuple[str, HistoryLibrary | None, str | None, str | None, torch.Tensor]:
     """(strategy, library, where its samples came from, note, mask of the ``--old-data`` samples kept
     for evaluation): the package's exemplars, else ``--old-data`` split into exemplars and a hold-out."""
     strategy = options.strategy
@@ -147,10 +191,10 @@ def _exemplars(package: ModelPackage, options: UpdateOptions, old_x: torch.Tenso
     if strategy is not None and strategy not in REHEARSING:
         return strategy, None, None, None, keep_for_eval
     saved = package.extra.get("history")
+    if saved is not None and not isinstance(saved, dict):
+        raise PackageError(f"{package.path}: extra['history'] must be a dict, got {type(saved).__name__}")
     if saved and saved.get("samples") is not None:
-        history = HistoryLibrary(options.mem_size, saved.get("policy", "reservoir"), seed=options.seed)
-        history.load_state_dict(saved)
-        history.capacity = options.mem_size
+        history = saved_history(package, options.mem_size, options.seed, prep)
         return strategy or "replay", history, "package", None, keep_for_eval
     if len(old_y):
         train_idx, _ = stratified_holdout(old_y, options.holdout, options.seed)
@@ -171,7 +215,7 @@ def update(package: ModelPackage, data_path: str | Path, out_dir: Path, options:
     """Learn the new classes in ``data_path``; writes ``out_dir/model.pt`` and returns the report."""
     options = UpdateOptions.from_any(options)
     device = torch.device(options.device)
-    prep = Preprocessing.of_package(package)
+    prep = package_preprocessing(package)
     data = load_labelled(data_path, prep)
     y, new_names, all_names = map_classes(package.class_names, data)
     x = data.x
@@ -179,7 +223,7 @@ def update(package: ModelPackage, data_path: str | Path, out_dir: Path, options:
     old_x, old_y = x[:0], y[:0]
     if options.old_data:
         old_x, old_y = load_old_data(options.old_data, package, prep)
-    strategy, history, exemplar_source, note, old_eval = _exemplars(package, options, old_x, old_y)
+    strategy, history, exemplar_source, note, old_eval = _exemplars(package, options, old_x, old_y, prep)
 
     seed_everything(options.seed)
     train_idx, held_idx = stratified_holdout(y, options.holdout, options.seed)

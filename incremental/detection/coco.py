@@ -14,6 +14,7 @@ naming the file, the annotation id and the value.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -108,9 +109,9 @@ def load_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CocoFormatError(f"{path}: not valid JSON ({exc})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number
+        raise CocoFormatError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     return data
 
 
@@ -119,8 +120,17 @@ def _require(cond: bool, source: str, message: str) -> None:
         raise CocoFormatError(f"{source}: {message}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_instances(coco: Any, source: str) -> None:
-    """Structure of a COCO instances dict: lists ``images``, ``annotations``, ``categories`` with ids."""
+    """Structure of a COCO instances dict: lists ``images``, ``annotations``, ``categories`` of objects
+    with unique integer ids; integer ``image_id`` / ``category_id``; image sizes positive numbers."""
     _require(isinstance(coco, dict), source, f"the top level must be an object, got {type(coco).__name__}")
     for key in ("images", "annotations", "categories"):
         _require(isinstance(coco.get(key), list), source, f"'{key}' must be a list (COCO instances format)")
@@ -128,10 +138,36 @@ def check_instances(coco: Any, source: str) -> None:
         seen: set[Any] = set()
         for k, entry in enumerate(coco[key]):
             _require(isinstance(entry, dict) and "id" in entry, source, f"{key}[{k}] has no 'id'")
+            _require(_is_int(entry["id"]), source, f"{key}[{k}]: id must be an integer, got {entry['id']!r:.80}")
             _require(entry["id"] not in seen, source, f"{key}[{k}]: duplicate id {entry['id']!r}")
             seen.add(entry["id"])
     for k, cat in enumerate(coco["categories"]):
         _require(isinstance(cat.get("name"), str), source, f"categories[{k}] (id {cat['id']}) has no 'name'")
+    for k, im in enumerate(coco["images"]):
+        for side in ("width", "height"):
+            value = im.get(side)
+            _require(value is None or (_is_number(value) and value > 0), source,
+                     f"images[{k}] (id {im['id']}): {side} must be a positive number, got {value!r:.80}")
+        name = im.get("file_name")
+        _require(name is None or isinstance(name, str), source, f"images[{k}] (id {im['id']}): file_name must be a string")
+    for k, ann in enumerate(coco["annotations"]):
+        for field_name in ("image_id", "category_id"):
+            _require(_is_int(ann.get(field_name)), source,
+                     f"annotation id {ann['id']}: {field_name} must be an integer, got {ann.get(field_name)!r:.80}")
+
+
+def check_results(results: Any, source: str) -> None:
+    """Structure of a COCO results file: a list of ``{image_id, category_id, bbox, score}`` objects with
+    integer ids and a finite score (boxes are checked against their image where they are read)."""
+    _require(isinstance(results, list), source,
+             f"predictions must be a list in the COCO results format, got {type(results).__name__}")
+    for k, det in enumerate(results):
+        where = f"prediction [{k}]"
+        _require(isinstance(det, dict) and {"image_id", "category_id", "bbox", "score"} <= set(det), source,
+                 f"{where}: needs image_id, category_id, bbox and score, got {det!r:.120}")
+        for field_name in ("image_id", "category_id"):
+            _require(_is_int(det[field_name]), source, f"{where}: {field_name} must be an integer, got {det[field_name]!r:.80}")
+        _require(_is_number(det["score"]), source, f"{where}: score must be a finite number, got {det['score']!r:.80}")
 
 
 def xywh_to_xyxy_checked(bbox: Any, width: float | None, height: float | None, where: str,
@@ -142,8 +178,8 @@ def xywh_to_xyxy_checked(bbox: Any, width: float | None, height: float | None, w
     ``clipped_boxes``); farther out, or with ``w`` or ``h`` <= 0, it is an error: such a box means
     the file does not belong to these images (or was written in another box convention).
     """
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-        raise CocoFormatError(f"{where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        raise CocoFormatError(f"{where}: bbox must be 4 numbers [x, y, w, h], all finite, got {bbox!r:.120}")
     x, y, w, h = (float(v) for v in bbox)
     if not (w > 0 and h > 0):
         raise CocoFormatError(f"{where}: bbox {bbox} has zero or negative width/height")
@@ -280,9 +316,10 @@ def load_coco_detection(
         else:
             x = read_image(path)
             h, w = int(x.shape[1]), int(x.shape[2])
-            if im.get("width") is not None and (int(im["width"]), int(im["height"])) != (w, h):
+            said = (im.get("width"), im.get("height"))
+            if any(v is not None and v != actual for v, actual in zip(said, (w, h))):
                 raise CocoFormatError(f"{source}: image id {im['id']} ({name}) is {w}x{h} but the file says "
-                                      f"{im['width']}x{im['height']}")
+                                      f"{said[0]}x{said[1]}")
             im["width"], im["height"] = w, h
             images[int(im["id"])] = x
     return samples_from_coco(coco, images, class_names, source=source,

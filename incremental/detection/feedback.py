@@ -39,7 +39,7 @@ import torch
 from torchvision.ops import box_iou
 
 from ..io import write_json
-from .coco import CocoFormatError, check_instances, image_size_of, load_json, xywh_to_xyxy_checked
+from .coco import CocoFormatError, check_instances, check_results, image_size_of, load_json, xywh_to_xyxy_checked
 
 CATEGORIES = ("correct", "missed", "false_detection")
 
@@ -376,7 +376,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--unknown-categories", choices=("error", "skip", "keep"), default="error",
                    help="boxes of categories the model does not know: error (default), skip (counted) or keep as new classes")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.set_defaults(handler=cmd_feedback)
+    p.set_defaults(handler=cmd_feedback, output_arg="out")  # one writer per --out (incremental.locking)
 
 
 def cmd_feedback(args: argparse.Namespace) -> int:
@@ -397,6 +397,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         verified = load_json(args.verified)
         predictions = load_json(args.predictions)
         check_instances(verified, str(args.verified))
+        check_results(predictions, str(args.predictions))
         files = {int(im["id"]): images_dir / str(im.get("file_name", "")) for im in verified["images"]}
         for image_id, path in files.items():
             if not path.is_file():

@@ -33,7 +33,7 @@ import torch
 from ..data import Experience, ListSamples
 from ..trainer import seed_everything
 from ..update import option_value
-from .coco import CocoFormatError, DetectionData, load_coco_detection, load_json
+from .coco import CocoFormatError, DetectionData, check_instances, load_coco_detection, load_json
 
 DETECTOR_STRATEGIES = ("pseudo_distill", "pseudo_labels", "distillation", "naive", "replay")
 _DEFAULTS: dict[str, Any] = {"strategy": "pseudo_distill", "epochs": 10, "lr": 0.01, "batch_size": 8, "holdout": 0.2,
@@ -140,6 +140,7 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
 
     instances, images_dir = resolve_data(data_path)
     coco = load_json(instances)
+    check_instances(coco, str(instances))
     file_names = [str(c.get("name")) for c in coco.get("categories", []) if isinstance(c, dict)]
     new_names = [n for n in file_names if n not in old_names]
     if not new_names:

@@ -24,9 +24,10 @@ import torch
 from PIL import Image
 
 from ..data import Batch, ListSamples
+from ..datasets import DataError
 
 
-class PanopticFormatError(ValueError):
+class PanopticFormatError(DataError):
     """A malformed panoptic file; the message names the file, image and segment."""
 
 
@@ -72,6 +73,38 @@ def _require(mapping: Any, key: str, where: str) -> Any:
     return mapping[key]
 
 
+def _check_structure(data: Any, json_path: Path) -> None:
+    """Types of every field the loader reads, so that a damaged file is one error naming the entry."""
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def check_entries(entries: Any, where: str, fields: dict[str, Any], unique: str) -> None:
+        if not isinstance(entries, list):
+            raise PanopticFormatError(f"{where} must be a list, got {type(entries).__name__}")
+        seen: set[Any] = set()
+        for k, entry in enumerate(entries):
+            for key, valid in fields.items():
+                value = _require(entry, key, f"{where}[{k}]")
+                if not valid(value):
+                    raise PanopticFormatError(f"{where}[{k}]: field {key!r} has the wrong type or value: {value!r:.80}")
+            if entry[unique] in seen:
+                raise PanopticFormatError(f"{where}[{k}]: duplicate {unique} {entry[unique]!r}")
+            seen.add(entry[unique])
+
+    if not isinstance(data, dict):
+        raise PanopticFormatError(f"{json_path}: the top level must be an object, got {type(data).__name__}")
+    text = lambda v: isinstance(v, str)  # noqa: E731
+    check_entries(_require(data, "categories", str(json_path)), f"{json_path}: categories",
+                  {"id": is_int, "name": text, "isthing": lambda v: v in (0, 1)}, "id")
+    check_entries(_require(data, "images", str(json_path)), f"{json_path}: images", {"id": is_int, "file_name": text}, "id")
+    annotations = _require(data, "annotations", str(json_path))
+    check_entries(annotations, f"{json_path}: annotations",
+                  {"image_id": is_int, "file_name": text, "segments_info": lambda v: isinstance(v, list)}, "image_id")
+    for k, ann in enumerate(annotations):
+        check_entries(ann["segments_info"], f"{json_path}: annotations[{k}].segments_info",
+                      {"id": is_int, "category_id": is_int}, "id")
+
+
 def _resize(array: np.ndarray, size: tuple[int, int] | None, nearest: bool) -> np.ndarray:
     if size is None or array.shape[:2] == size:
         return array
@@ -81,6 +114,15 @@ def _resize(array: np.ndarray, size: tuple[int, int] | None, nearest: bool) -> n
         rgb = np.stack([array % 256, (array // 256) % 256, (array // 65536) % 256], -1).astype(np.uint8)
         return decode_ids(np.asarray(Image.fromarray(rgb).resize((width, height), Image.NEAREST)))
     return np.asarray(Image.fromarray(array).resize((width, height), resample))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3); a damaged file is a PanopticFormatError naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's ways to say "broken"
+        raise PanopticFormatError(f"{path}: cannot be read as an image ({type(exc).__name__}: {exc})") from None
 
 
 def load_coco_panoptic(
@@ -102,9 +144,10 @@ def load_coco_panoptic(
     if not json_path.is_file():
         raise FileNotFoundError(f"panoptic annotation file {json_path} does not exist")
     try:
-        data = json.loads(json_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PanopticFormatError(f"{json_path}: not valid JSON ({exc})") from None
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number
+        raise PanopticFormatError(f"{json_path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    _check_structure(data, json_path)
     if masks_dir is None:
         candidates = [json_path.with_suffix(""), json_path.parent / "panoptic"]
         masks_dir = next((c for c in candidates if c.is_dir()), candidates[0])
@@ -151,7 +194,7 @@ def load_coco_panoptic(
         image_path = images_dir / image_files[image_id]
         if not image_path.is_file():
             raise FileNotFoundError(f"{image_path}: image {image_id} listed in {json_path} does not exist")
-        segment_map = decode_ids(np.asarray(Image.open(png_path).convert("RGB")))
+        segment_map = decode_ids(_read_rgb(png_path))
         present = set(np.unique(segment_map).tolist()) - {0}
         missing = sorted(present - set(listed))
         if missing:
@@ -160,7 +203,7 @@ def load_coco_panoptic(
             raise PanopticFormatError(
                 f"{png_path}: segment id {sid} (RGB {sid % 256},{sid // 256 % 256},{sid // 65536}) first at pixel "
                 f"(row {ys[0]}, col {xs[0]}) is not in segments_info of image {png_name} in {json_path}")
-        image = np.asarray(Image.open(image_path).convert("RGB"))
+        image = _read_rgb(image_path)
         if image.shape[:2] != segment_map.shape:
             raise PanopticFormatError(
                 f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its segment PNG {png_path} is "
