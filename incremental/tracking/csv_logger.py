@@ -1,0 +1,111 @@
+"""CSV logs under ``DIR/logs/``, appended while the run trains (``tail -f`` works, pandas reads them).
+
+- ``iterations.csv``: one row per training iteration: ``iteration, experience, epoch``, then
+  ``Loss_MB/train_phase/train_stream``, ``loss_terms/*``, ``loss_weights/*`` and plugin statistics;
+- ``epochs.csv``: one row per epoch: epoch means, ``Loss_Epoch`` and ``Time_Epoch``;
+- ``eval.csv``: long format, one row per value: ``training_exp, iteration, metric, value`` with
+  Avalanche's metric names (``Top1_Acc_Exp/eval_phase/test_stream/Exp003``, ...).
+
+A column that appears mid-run (gradient-mixing statistics start with the second experience) rewrites
+the file once with the wider header. A resumed run drops the rows of experiences its checkpoint had not
+finished, so a killed and resumed run logs every iteration exactly once.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..io import atomic_write
+from .tracker import IterationLog, Logger
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return value
+
+
+class GrowingCSV:
+    """An append-only CSV file whose header can gain columns (the file is rewritten when it does)."""
+
+    def __init__(self, path: Path, keep: Callable[[dict[str, str]], bool] | None = None) -> None:
+        self.path = path
+        self.fields: list[str] = []
+        rows: list[dict[str, str]] = []
+        if keep is not None and path.is_file():
+            with open(path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                self.fields = list(reader.fieldnames or [])
+                rows = [row for row in reader if keep(row)]
+        self._rewrite(rows)
+
+    def _rewrite(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, self.fields, restval="")
+                if self.fields:
+                    writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.path, write)
+        self._handle = open(self.path, "a", newline="")
+        self._writer = csv.writer(self._handle)
+
+    def append(self, fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Append ``rows`` (values in the order of ``fields``)."""
+        new = [f for f in fields if f not in self.fields]
+        if new:
+            self._handle.close()
+            with open(self.path, newline="") as handle:
+                old = list(csv.DictReader(handle)) if self.fields else []
+            self.fields += new
+            self._rewrite(old)
+        if list(fields) != self.fields:
+            pos = {f: k for k, f in enumerate(fields)}
+            rows = [[row[pos[f]] if f in pos else "" for f in self.fields] for row in rows]
+        self._writer.writerows([[_cell(v) for v in row] for row in rows])
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class CSVLogger(Logger):
+    """Writes ``iterations.csv``, ``epochs.csv`` and ``eval.csv`` in ``log_dir``.
+
+    ``experiences_done``: when resuming, rows of experiences from this one on are dropped (they were
+    logged by the killed run and will be logged again); ``None`` starts fresh files.
+    """
+
+    def __init__(self, log_dir: str | Path, experiences_done: int | None = None) -> None:
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+        def keep(column: str) -> Callable[[dict[str, str]], bool] | None:
+            if experiences_done is None:
+                return None
+            return lambda row: row.get(column, "") != "" and int(row[column]) < experiences_done
+
+        self.iterations = GrowingCSV(self.dir / "iterations.csv", keep("experience"))
+        self.epochs = GrowingCSV(self.dir / "epochs.csv", keep("experience"))
+        self.eval = GrowingCSV(self.dir / "eval.csv", keep("training_exp"))
+
+    def log_iterations(self, log: IterationLog) -> None:
+        keys = list(log.values)
+        columns = [log.iteration, log.experience, log.epoch, *(log.values[k] for k in keys)]
+        self.iterations.append(["iteration", "experience", "epoch", *keys], list(zip(*columns)))
+
+    def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float],
+                  distributions: Mapping[str, Sequence[float]]) -> None:
+        self.epochs.append(["iteration", "experience", "epoch", *values], [[iteration, experience, epoch, *values.values()]])
+
+    def log_eval(self, iteration: int, experience: int, values: Mapping[str, float],
+                 accuracy_matrix: Sequence[Sequence[float]]) -> None:
+        self.eval.append(["training_exp", "iteration", "metric", "value"],
+                         [[experience, iteration, k, v] for k, v in values.items()])
+
+    def close(self) -> None:
+        for f in (self.iterations, self.epochs, self.eval):
+            f.close()
