@@ -6,11 +6,19 @@ replay and with a 200-sample reservoir replay (32 history samples per step, as A
 The three implementations run interleaved (plain, ours, Avalanche, plain, ...) so that machine noise
 hits all of them alike; the table reports medians and ratios.
 
-    python benchmarks/loop_overhead.py [--repeats 7] [--out benchmarks/results/loop_overhead.json]
+The second table (issue 18) is the cost of experiment tracking on the quickstart (configs/quickstart.yaml:
+gradient mixing, 5 experiences, 10 epochs): the same run with no logger, with the default CSV logs, with
+CSV + TensorBoard and with CSV + W&B offline (when installed), interleaved. ``train s`` is the time of
+training and evaluating all experiences with the tracker attached (what the loggers add to a run while it
+trains); ``setup s`` (building the loggers: imports, files, the W&B service) and ``close s`` are shown
+apart, once per run.
+
+    python benchmarks/loop_overhead.py [--repeats 7] [--only loop|logging] [--out benchmarks/results/loop_overhead.json]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -135,13 +143,75 @@ def avalanche(seed: int, mem: int) -> float:
     return time.perf_counter() - start
 
 
+LOGGING_VARIANTS: dict[str, dict] = {
+    "none": {"csv": False},
+    "csv": {"csv": True},
+    "csv+tensorboard": {"csv": True, "tensorboard": True},
+    "csv+wandb offline": {"csv": True, "wandb": {"project": "loop-overhead", "mode": "offline"}},
+}
+
+
+def quickstart_with_logging(logging: dict, out: Path, seed: int) -> dict[str, float]:
+    """One quickstart run with the given ``logging:`` section; seconds for setup, train+eval, close."""
+    import dataclasses
+
+    from incremental.cli import prepare_run
+    from incremental.tracking import build_tracker
+
+    runner_mod, cfg, _ = prepare_run(str(ROOT / "configs" / "quickstart.yaml"), [f"seed={seed}", f"logging={logging}"])
+    run = runner_mod.ClassificationRun(cfg)
+    t0 = time.perf_counter()
+    tracker = build_tracker(cfg.logging, out, run.trainer, config=dataclasses.asdict(cfg), n_experiences=run.n_experiences)
+    t1 = time.perf_counter()
+    for i in range(run.n_experiences):
+        run.step(i)
+        tracker.log_eval(i, run.last_eval, run.accuracy_matrix)
+    t2 = time.perf_counter()
+    tracker.close()
+    t3 = time.perf_counter()
+    return {"setup": t1 - t0, "train": t2 - t1, "close": t3 - t2}
+
+
+def logging_table(repeats: int) -> dict:
+    import importlib.util
+    import tempfile
+
+    variants = {k: v for k, v in LOGGING_VARIANTS.items()
+                if "wandb" not in v or importlib.util.find_spec("wandb") is not None}
+    times: dict[str, dict[str, list[float]]] = {k: {"setup": [], "train": [], "close": []} for k in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, logging in variants.items():  # warm-up: imports, first-call costs
+            quickstart_with_logging(logging, Path(tmp) / "warmup" / name.replace(" ", "_"), 0)
+        for r in range(repeats):
+            for name, logging in variants.items():
+                t = quickstart_with_logging(logging, Path(tmp) / f"{name.replace(' ', '_')}_{r}", r)
+                for part, value in t.items():
+                    times[name][part].append(value)
+    med = {k: {part: statistics.median(v) for part, v in parts.items()} for k, parts in times.items()}
+    rows = [{"logging": k, "median_s": med[k], "train_over_none": med[k]["train"] / med["none"]["train"],
+             "all_s": times[k]} for k in variants]
+    print(f"{'logging':>18} | {'train s':>8} {'/ none':>7} | {'setup s':>8} {'close s':>8}")
+    for row in rows:
+        m = row["median_s"]
+        print(f"{row['logging']:>18} | {m['train']:8.3f} {row['train_over_none']:7.3f} | {m['setup']:8.3f} {m['close']:8.3f}")
+    return {"task": "configs/quickstart.yaml (gradient mixing, 5 experiences x 10 epochs, 400 iterations), 1 thread",
+            "repeats": repeats, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", choices=("loop", "logging"), help="run one table (the other is kept from --out)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loop_overhead.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    if args.only == "logging":
+        result = {**previous, "logging": logging_table(args.repeats)}
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+        return
     runners = {"plain": plain_loop, "ours": ours, "avalanche": avalanche}
     rows = []
     for mem in (0, 200):
@@ -165,8 +235,13 @@ def main() -> None:
         m = row["median_s"]
         print(f"{row['replay_mem']:>7} | {m['plain']:8.3f} {m['ours']:8.3f} {m['avalanche']:8.3f} | "
               f"{row['ours_over_plain']:10.2f} {row['ours_over_avalanche']:10.2f} {row['avalanche_over_plain']:11.2f}")
-    write_json(args.out, {"task": "split digits 5x2, MLP 64-256-10, SGD 0.05, 3 epochs, batch 32, 1 thread",
-                          "repeats": args.repeats, "rows": rows})
+    result = {"task": "split digits 5x2, MLP 64-256-10, SGD 0.05, 3 epochs, batch 32, 1 thread",
+              "repeats": args.repeats, "rows": rows}
+    if args.only != "loop":
+        result["logging"] = logging_table(args.repeats)
+    elif "logging" in previous:
+        result["logging"] = previous["logging"]
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -19,10 +19,15 @@ EXTRAS: dict[str, tuple[str, str]] = {
 }
 
 
+def is_installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found on the path; nothing is imported)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def require_extra(logger: str, key: str) -> None:
     """Raise a one-line ConfigError for ``key`` when ``logger``'s package is not installed."""
     module, extra = EXTRAS[logger]
-    if importlib.util.find_spec(module) is None:
+    if not is_installed(module):
         raise ConfigError(key, f"needs the {module!r} package, which is not installed: "
                                f"pip install 'incremental-adapt[{extra}]'")
 

@@ -1,4 +1,5 @@
-"""CSV logs under ``DIR/logs/``, appended while the run trains (``tail -f`` works, pandas reads them).
+"""CSV logs under ``DIR/logs/``, appended while the run trains (written at every tracker flush:
+at least once per experience; pandas reads them).
 
 - ``iterations.csv``: one row per training iteration: ``iteration, experience, epoch``, then
   ``Loss_MB/train_phase/train_stream``, ``loss_terms/*``, ``loss_weights/*`` and plugin statistics;
@@ -13,18 +14,11 @@ finished, so a killed and resumed run logs every iteration exactly once.
 from __future__ import annotations
 
 import csv
-import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..io import atomic_write
 from .tracker import IterationLog, Logger
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
-    return value
 
 
 class GrowingCSV:
@@ -33,30 +27,40 @@ class GrowingCSV:
     def __init__(self, path: Path, keep: Callable[[dict[str, str]], bool] | None = None) -> None:
         self.path = path
         self.fields: list[str] = []
-        rows: list[dict[str, str]] = []
         if keep is not None and path.is_file():
             with open(path, newline="") as handle:
                 reader = csv.DictReader(handle)
                 self.fields = list(reader.fieldnames or [])
                 rows = [row for row in reader if keep(row)]
-        self._rewrite(rows)
+            self._rewrite(rows)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._open("w")
 
     def _rewrite(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        def write(tmp: Path) -> None:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, self.fields, restval="")
-                if self.fields:
-                    writer.writeheader()
-                writer.writerows(rows)
+        """Write header and rows to a temporary file and rename it over the log (no fsync: it is a log,
+        rewritten while training; a lost tail is rewritten by a resume)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.fields, restval="")
+            if self.fields:
+                writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+        self._open("a")
 
-        atomic_write(self.path, write)
-        self._handle = open(self.path, "a", newline="")
+    def _open(self, mode: str) -> None:
+        self._handle = open(self.path, mode, newline="")
         self._writer = csv.writer(self._handle)
 
     def append(self, fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Append ``rows`` (values in the order of ``fields``)."""
         new = [f for f in fields if f not in self.fields]
-        if new:
+        if new and not self.fields:  # empty file: the header is the first line
+            self.fields = list(new)
+            self._writer.writerow(self.fields)
+        elif new:
             self._handle.close()
             with open(self.path, newline="") as handle:
                 old = list(csv.DictReader(handle)) if self.fields else []
@@ -65,7 +69,9 @@ class GrowingCSV:
         if list(fields) != self.fields:
             pos = {f: k for k, f in enumerate(fields)}
             rows = [[row[pos[f]] if f in pos else "" for f in self.fields] for row in rows]
-        self._writer.writerows([[_cell(v) for v in row] for row in rows])
+        self._writer.writerows([["" if v != v else v for v in row] for row in rows])  # NaN -> empty
+
+    def flush(self) -> None:
         self._handle.flush()
 
     def close(self) -> None:
@@ -105,6 +111,11 @@ class CSVLogger(Logger):
                  accuracy_matrix: Sequence[Sequence[float]]) -> None:
         self.eval.append(["training_exp", "iteration", "metric", "value"],
                          [[experience, iteration, k, v] for k, v in values.items()])
+        self.eval.flush()
+
+    def flush(self) -> None:
+        for f in (self.iterations, self.epochs, self.eval):
+            f.flush()
 
     def close(self) -> None:
         for f in (self.iterations, self.epochs, self.eval):

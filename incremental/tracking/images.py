@@ -20,7 +20,7 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return rgb.round().astype(np.uint8)
 
 
-def matrix_image(R: Sequence[Sequence[float]], n_cols: int | None = None, cell: int = 24) -> np.ndarray:
+def matrix_image(R: Sequence[Sequence[float]], n_cols: int | None = None, cell: int = 16) -> np.ndarray:
     """``R[i][j]`` as an (H, W, 3) uint8 image, one ``cell`` x ``cell`` square per entry.
 
     Rows not trained yet (the matrix grows by one row per experience) are grey, so every image of a

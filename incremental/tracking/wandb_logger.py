@@ -9,6 +9,7 @@ Avalanche's eval metrics and the accuracy matrix image go as they come. The run 
 from __future__ import annotations
 
 import math
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +29,7 @@ class WandbLogger(Logger):
         self._wandb = wandb
         run_dir = Path(run_dir)
         id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if resume and id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:8]
         write_text(id_file, run_id + "\n")
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(run_dir), name=run_dir.name,
