@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, str] = {
     "update": "incremental.update",
     "feedback": "incremental.detection.feedback",
     "package": "incremental.commands.package", "predict": "incremental.commands.predict",
+    "grid": "incremental.grids.grid_command",
+    "report": "incremental.grids.report_command",
 }
 
 

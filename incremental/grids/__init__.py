@@ -1,0 +1,7 @@
+"""Grids of runs and reports over them: ``incremental grid`` and ``incremental report``.
+
+- :mod:`.spec`: the grid file and its cells;
+- :mod:`.runner`: manifest, skip / resume logic, status; :mod:`.launchers`: local processes, submitit;
+- :mod:`.collect`: reading results.json files and grouping runs by setting; :mod:`.report` and
+  :mod:`.report_plots`: the table and the plots; ``*_command`` modules: the two CLI subcommands.
+"""
