@@ -281,3 +281,25 @@ def test_logging_off_adds_no_plugin(tmp_path, digits_tiny):
     tracker = build_tracker(LoggingConfig(csv=False), tmp_path, trainer)
     assert tracker.loggers == [] and trainer.plugins == []
     assert not (tmp_path / "logs").exists()
+
+
+def test_tracker_is_an_avalanche_plugin_too(tmp_path):
+    """The same Tracker inside Avalanche's own Naive strategy: one CSV row per Avalanche iteration."""
+    from avalanche.training import Naive
+
+    from tests.avalanche_helpers import avalanche_split_digits, quiet_evaluator
+
+    bench = avalanche_split_digits(2)
+    torch.manual_seed(0)
+    model = MLP(64, 16, 10)
+    recorder = LossRecorder()
+    tracker = Tracker([CSVLogger(tmp_path / "logs")])
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=128,
+                     train_epochs=1, plugins=[recorder, tracker], evaluator=quiet_evaluator())
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    tracker.close()
+    rows = read_csv(tmp_path / "logs" / "iterations.csv")
+    assert len(rows) == strategy.clock.train_iterations == len(recorder.losses)
+    assert [float(r[names.LOSS_MB]) for r in rows] == pytest.approx(recorder.losses, rel=1e-6)
+    assert [r["experience"] for r in rows][-1] == "1"
