@@ -35,14 +35,16 @@ def write_grid(path: Path, **sections) -> Path:
 # ---------------------------------------------------------------------------------------------- grid files
 def test_cells_are_the_product_of_axes_with_zipped_axes_moving_together(tmp_path):
     spec = load_grid(write_grid(tmp_path / "g.yaml", set={"train.epochs": 2},
-                                grid={"strategy.name": ["replay", "gradient_mixing"], "strategy.mem_size": [200, 500]},
+                                grid={"strategy.plugins": [[{"name": "replay"}], [{"name": "gradient_mixing", "rule": "pcgrad"}]],
+                                      "strategy.history.mem_size": [200, 500]},
                                 zip={"seed": [0, 1], "scenario.class_order": [list(range(10)), list(range(9, -1, -1))]}))
     cells = spec.cells()
     assert len(cells) == 2 * 2 * 2
     first = cells[0]
-    assert first.name == "strategy=replay,mem_size=200,seed=0,class_order=0-1-2-3-4-5-6-7-8-9"
-    assert first.overrides == {"train.epochs": 2, "strategy.name": "replay", "strategy.mem_size": 200, "seed": 0,
-                               "scenario.class_order": list(range(10))}
+    assert first.name == "plugins=replay,mem_size=200,seed=0,class_order=0-1-2-3-4-5-6-7-8-9"
+    assert cells[-1].name.startswith("plugins=gradient_mixing_rule=pcgrad,mem_size=500,seed=1")
+    assert first.overrides == {"train.epochs": 2, "strategy.plugins": [{"name": "replay"}],
+                               "strategy.history.mem_size": 200, "seed": 0, "scenario.class_order": list(range(10))}
     # the class order always comes with its seed
     assert {(c.overrides["seed"], c.overrides["scenario.class_order"][0]) for c in cells} == {(0, 0), (1, 9)}
     assert first.set_args()[-1] == "scenario.class_order=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"
@@ -51,7 +53,8 @@ def test_cells_are_the_product_of_axes_with_zipped_axes_moving_together(tmp_path
 def test_cell_names_are_safe_and_short():
     assert short_names(["strategy.name", "model.hidden_size", "a.size", "b.size"]) == {
         "strategy.name": "strategy", "model.hidden_size": "hidden_size", "a.size": "a.size", "b.size": "b.size"}
-    assert value_token(0.1) == "0.1" and value_token("a b/c") == "a_b_c"
+    assert value_token(0.1) == "0.1" and value_token("a b/c") == "a_b_c" and value_token([]) == "none"
+    assert value_token([{"name": "lwf", "alpha": 1}, {"name": "replay"}]) == "lwf_alpha=1+replay"
     long = value_token(list(range(40)))
     assert len(long) <= 21 and long != value_token(list(range(41)))
 
@@ -159,7 +162,7 @@ FAKE_CELL = r"""
 import json, os, sys, pathlib
 d = pathlib.Path(sys.argv[1])
 cfg = json.loads((d.parent / "grid.json").read_text())["cells"][d.name]["config"]
-if cfg["strategy"]["name"] == "naive" and cfg["seed"] == 1:
+if cfg["strategy"]["plugins"][0]["name"] == "gradient_mixing" and cfg["seed"] == 1:
     print("error: strategy.name: boom")
     sys.exit(2)
 acc = 0.5 + 0.1 * cfg["seed"]
@@ -171,16 +174,18 @@ acc = 0.5 + 0.1 * cfg["seed"]
 def test_grid_runs_cells_in_parallel_reports_failures_and_skips_finished_cells(tmp_path, monkeypatch, capsys):
     """The runner's logic with a stand-in for `incremental run` (a few ms per cell instead of seconds)."""
     monkeypatch.setattr(grid_runner, "cell_command", lambda cell_dir, torchrun=None: [sys.executable, "-c", FAKE_CELL, str(cell_dir)])
-    grid = write_grid(tmp_path / "g.yaml", grid={"strategy.name": ["naive", "replay"], "seed": [0, 1]})
+    grid = write_grid(tmp_path / "g.yaml", grid={"strategy.plugins": [[{"name": "replay"}], [{"name": "gradient_mixing"}]],
+                                                 "seed": [0, 1]})
     out = tmp_path / "out"
     code = main(["grid", str(grid), "--out", str(out), "--jobs", "2", "--quiet"])
     stdout = capsys.readouterr().out
     assert code == 1
-    assert "4 cells: 3 ran, 1 failed" in stdout and "FAILED strategy=naive,seed=1 (exit 2): error: strategy.name: boom" in stdout
+    assert "4 cells: 3 ran, 1 failed" in stdout
+    assert "FAILED plugins=gradient_mixing,seed=1 (exit 2): error: strategy.name: boom" in stdout
     status = json.loads((out / "grid_status.json").read_text())
-    assert status["finished"] and status["cells"]["strategy=naive,seed=1"]["status"] == "failed"
-    assert json.loads((out / "strategy=replay,seed=0" / "results.json").read_text())["threads"] == str(threads_per_cell(2))
-    assert (out / "strategy=replay,seed=0" / "config.yaml").is_file()
+    assert status["finished"] and status["cells"]["plugins=gradient_mixing,seed=1"]["status"] == "failed"
+    assert json.loads((out / "plugins=replay,seed=0" / "results.json").read_text())["threads"] == str(threads_per_cell(2))
+    assert (out / "plugins=replay,seed=0" / "config.yaml").is_file()
     # re-running: the three finished cells are skipped, the failed one runs again (and fails again)
     code = main(["grid", str(grid), "--out", str(out), "--jobs", "2", "--quiet"])
     assert code == 1 and "4 cells: 3 skipped, 1 failed" in capsys.readouterr().out
@@ -199,9 +204,10 @@ def test_grid_kill_resume_and_report_end_to_end(tmp_path):
     skips that cell while every other cell dies after its first experience (fault injection) and is
     reported; a third run resumes those cells from their checkpoints; the report's means and stds are
     those of the cells' results.json, and every cell's CSV log holds each iteration once."""
-    grid = write_grid(tmp_path / "g.yaml", set=TINY_SET, grid={"strategy.name": ["naive", "replay"]}, zip={"seed": [0, 1]})
+    grid = write_grid(tmp_path / "g.yaml", set=TINY_SET, zip={"seed": [0, 1]},
+                      grid={"strategy.plugins": [[{"name": "replay"}], [{"name": "gradient_mixing"}]]})
     out = tmp_path / "out"
-    first_cell = out / "strategy=naive,seed=0"
+    first_cell = out / "plugins=replay,seed=0"
     proc = _grid_process(grid, out, "--jobs", "1")
     deadline = time.time() + 300
     while not (first_cell / "results.json").is_file():
@@ -216,7 +222,7 @@ def test_grid_kill_resume_and_report_end_to_end(tmp_path):
     assert killed.returncode == 1, output
     assert "4 cells: 1 skipped, 3 failed" in output and output.count("FAILED") == 3
     status = json.loads((out / "grid_status.json").read_text())["cells"]
-    assert status["strategy=naive,seed=0"]["action"] == "skipped"
+    assert status["plugins=replay,seed=0"]["action"] == "skipped"
 
     resumed = _grid_process(grid, out, "--jobs", "2")
     output = resumed.communicate(timeout=600)[0]
@@ -228,16 +234,17 @@ def test_grid_kill_resume_and_report_end_to_end(tmp_path):
     cells = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))]
     assert len(cells) == 4
     report = json.loads((out / "report" / "report.json").read_text())
-    assert [r["strategy.name"] for r in report["rows"]] == ["naive", "replay"]
+    assert [r["strategy.plugins"] for r in report["rows"]] == [[{"name": "replay"}], [{"name": "gradient_mixing"}]]
     for row in report["rows"]:
-        accs = [c["average_accuracy"] for c in cells if c["config"]["strategy"]["name"] == row["strategy.name"]]
-        forgetting = [c["forgetting"] for c in cells if c["config"]["strategy"]["name"] == row["strategy.name"]]
+        mine = [c for c in cells if c["config"]["strategy"]["plugins"] == row["strategy.plugins"]]
+        accs = [c["average_accuracy"] for c in mine]
+        forgetting = [c["forgetting"] for c in mine]
         assert row["avg_acc_mean"] == pytest.approx(statistics.mean(accs))
         assert row["avg_acc_std"] == pytest.approx(statistics.stdev(accs))
         assert row["forgetting_mean"] == pytest.approx(statistics.mean(forgetting))
     import csv
 
-    for cell_dir in out.glob("strategy=*"):
+    for cell_dir in out.glob("plugins=*"):
         with open(cell_dir / "logs" / "iterations.csv", newline="") as handle:
             iterations = [int(r["iteration"]) for r in csv.DictReader(handle)]
         assert iterations == list(range(len(iterations))) and iterations  # resumed cells: each iteration once
@@ -247,7 +254,8 @@ def test_submitit_launcher_with_fake_cells(tmp_path, monkeypatch, capsys):
     """submitit's in-process ``debug`` cluster: the same map_array / poll / result path, in milliseconds."""
     pytest.importorskip("submitit")
     monkeypatch.setattr(grid_runner, "cell_command", lambda cell_dir, torchrun=None: [sys.executable, "-c", FAKE_CELL, str(cell_dir)])
-    grid = write_grid(tmp_path / "g.yaml", grid={"strategy.name": ["naive"], "seed": [0, 1]}, submitit={"cluster": "debug"})
+    grid = write_grid(tmp_path / "g.yaml", grid={"strategy.plugins": [[{"name": "gradient_mixing"}]], "seed": [0, 1]},
+                      submitit={"cluster": "debug"})
     code = main(["grid", str(grid), "--out", str(tmp_path / "out"), "--launcher", "submitit", "--quiet"])
     assert code == 1 and "2 cells: 1 ran, 1 failed" in capsys.readouterr().out
 

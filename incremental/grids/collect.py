@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .spec import describe
+
 #: results.json key -> column name in the report
 METRICS: dict[str, str] = {
     "average_accuracy": "avg_acc",
@@ -44,7 +46,7 @@ class Group:
 
     def label(self, short: dict[str, str] | None = None) -> str:
         short = short or {}
-        return ", ".join(f"{short.get(k, k)}={_fmt(v)}" for k, v in self.setting.items()) or "all runs"
+        return ", ".join(f"{short.get(k, k)}={describe(v)}" for k, v in self.setting.items()) or "all runs"
 
     def stats(self, metric: str) -> tuple[float, float | None, int]:
         """Mean, sample std (None for a single run) and count of ``metric`` over the runs that report it."""
@@ -61,12 +63,6 @@ class Group:
             if R:
                 curves.append([statistics.fmean(row[: i + 1]) for i, row in enumerate(R)])
         return curves
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    return str(value)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

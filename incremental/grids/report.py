@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from ..io import write_json, write_text
 from .collect import METRICS, Group, find_runs, group_runs
-from .spec import short_names
+from .spec import describe, short_names
 
 PERCENT = {"avg_acc", "avg_inc_acc", "forgetting", "bwt"}
 
@@ -55,7 +55,7 @@ def markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     header = [short[k] for k in keys] + ["n"] + [titles[c] for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
-        cells = [str(r[k]) for k in keys] + [str(r["n"])]
+        cells = [describe(r[k]) for k in keys] + [str(r["n"])]
         cells += [_cell(r[f"{c}_mean"] if r[f"{c}_mean"] is not None else math.nan, r[f"{c}_std"], c) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -67,7 +67,8 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
         writer = csv.DictWriter(buf, list(rows[0]))
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+            writer.writerow({k: ("" if v is None else v if isinstance(v, (int, float, str)) else describe(v))
+                             for k, v in r.items()})
     return buf.getvalue()
 
 

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from ..io import save_figure  # noqa: E402
 from .collect import Group  # noqa: E402
-from .spec import short_names  # noqa: E402
+from .spec import describe, short_names  # noqa: E402
 
 
 def bars(groups: Sequence[Group], keys: Sequence[str], path: Path) -> Path | None:
@@ -54,7 +54,7 @@ def accuracy_against(groups: Sequence[Group], keys: Sequence[str], key: str, pat
         mean, std, n = g.stats("average_accuracy")
         if not isinstance(x, (int, float)) or isinstance(x, bool) or not n:
             continue
-        label = ", ".join(f"{short[k]}={g.setting[k]}" for k in others) or "runs"
+        label = ", ".join(f"{short[k]}={describe(g.setting[k])}" for k in others) or "runs"
         lines.setdefault(label, []).append((float(x), 100 * mean, 100 * (std or 0.0)))
     if not lines or max(len(v) for v in lines.values()) < 2:
         return None

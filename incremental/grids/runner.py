@@ -45,6 +45,10 @@ class PreparedCell:
 
 
 def _canonical(config: Any) -> str:
+    """A config as comparable text; its ``logging`` section is left out (it changes what a run records,
+    not what it learns, so a finished cell stays finished when only its loggers change)."""
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k != "logging"}
     return json.dumps(json.loads(json.dumps(config, default=str)), sort_keys=True)
 
 

@@ -5,8 +5,8 @@ A grid file (YAML)::
     base: ../configs/quickstart.yaml       # the base config, relative to this file
     set: {train.epochs: 5}                  # optional: overrides for every cell
     grid:                                   # axes: every combination is a cell
-      strategy.name: [replay, gradient_mixing]
-      strategy.mem_size: [200, 500]
+      strategy.plugins: [[{name: replay}], [{name: gradient_mixing, rule: pcgrad}]]
+      strategy.history.mem_size: [200, 500]
     zip:                                    # optional: axes that move together (equal lengths)
       seed: [0, 1, 2]
       scenario.class_order: [[0,1,2,3,4,5,6,7,8,9], [9,8,7,6,5,4,3,2,1,0], [3,1,4,0,5,9,2,6,8,7]]
@@ -90,15 +90,26 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
-def value_token(value: Any) -> str:
-    """A value as a safe directory-name token: ``0.1``, ``replay``, ``3-1-2-0``; long ones hashed."""
+def describe(value: Any) -> str:
+    """A config value as people write it: ``replay``, ``gradient_mixing(rule=pcgrad)+replay`` for a plugin
+    list, ``3-1-2-0`` for a list of numbers, ``none`` for an empty list."""
+    if isinstance(value, dict):
+        if "name" in value:
+            options = [f"{k}={describe(v)}" for k, v in value.items() if k != "name"]
+            return str(value["name"]) + (f"({','.join(options)})" if options else "")
+        return ",".join(f"{k}={describe(v)}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        text = "-".join(value_token(v) for v in value)
-    elif isinstance(value, dict):
-        text = json.dumps(value, sort_keys=True)
-    else:
-        text = str(value)
-    text = re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+        if not value:
+            return "none"
+        joiner = "+" if all(isinstance(v, dict) for v in value) else "-"
+        return joiner.join(describe(v) for v in value)
+    return str(value)
+
+
+def value_token(value: Any) -> str:
+    """A value as a safe directory-name token (:func:`describe`, other characters as ``_``; a long one is
+    shortened and given a hash of the whole value)."""
+    text = re.sub(r"[^A-Za-z0-9._+=-]+", "_", describe(value).replace(")", "")).strip("_") or "_"
     if len(text) > MAX_VALUE_CHARS:
         digest = hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
         text = f"{text[:12]}~{digest}"

@@ -9,7 +9,8 @@ A runner makes these calls (see ``docs/tracking.md``)::
             tracker.log_eval(i, results, accuracy_matrix)
 
 ``build_tracker`` adds the :class:`Tracker` plugin to the trainer (only on the main process of a
-data-parallel run, and only when some logger is on).
+data-parallel run, and only when some logger is on). The shared run skeleton
+(:func:`incremental.runners.base.execute`) makes these calls for every family on it.
 """
 from __future__ import annotations
 
@@ -56,23 +57,25 @@ def build_loggers(cfg: LoggingConfig, out_dir: str | Path, *, config: Mapping[st
 
 def build_tracker(cfg: LoggingConfig, out_dir: str | Path, trainer: Any = None, *,
                   config: Mapping[str, Any] | None = None, experiences_done: int = 0,
-                  n_experiences: int | None = None) -> Tracker:
+                  n_experiences: int | None = None, metric: str = "Top1_Acc") -> Tracker:
     """A :class:`Tracker` over the loggers ``cfg`` asks for, added to ``trainer``'s plugins.
 
     Call it after restoring a checkpoint (``experiences_done`` experiences done; the trainer's clock
-    then says which iteration the resumed run starts from) and before training. On the non-main
+    then says which iteration the resumed run starts from) and before training. ``trainer``: a loop
+    with ``add_plugin`` (anything else is left alone: add the tracker to the plugins of the loop you
+    build later). ``metric``: Avalanche's name of the evaluated metric (``Top1_Acc``). On the non-main
     processes of a data-parallel run it returns a tracker with no loggers and adds nothing.
     """
     from ..distributed import is_main_process
 
     if not is_main_process():
-        return Tracker([])
+        return Tracker([], metric=metric)
     clock = getattr(trainer, "clock", None)
     loggers = build_loggers(cfg, out_dir, config=config, experiences_done=experiences_done,
                             resume_iteration=int(getattr(clock, "train_iterations", 0)),
                             n_experiences=n_experiences)
-    tracker = Tracker(loggers, strategy=trainer)
-    if trainer is not None and loggers:
+    tracker = Tracker(loggers, strategy=trainer, metric=metric)
+    if loggers and callable(getattr(trainer, "add_plugin", None)):
         trainer.add_plugin(tracker)
     return tracker
 

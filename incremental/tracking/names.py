@@ -45,12 +45,15 @@ def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     return sum(v * w for v, w in pairs) / total if total else float("nan")
 
 
-def eval_metrics(results: Mapping[int, Mapping[str, float]], accuracy_matrix: Sequence[Sequence[float]]) -> dict[str, float]:
+def eval_metrics(results: Mapping[int, Mapping[str, float]], accuracy_matrix: Sequence[Sequence[float]],
+                 metric: str = "Top1_Acc") -> dict[str, float]:
     """Avalanche's eval-phase values after training step ``i = len(accuracy_matrix) - 1``.
 
     ``results[j]`` holds ``accuracy`` (and optionally ``loss`` and ``count``, the number of test samples)
     of test experience ``j`` now; ``accuracy_matrix`` holds the rows of every step so far, this one last
-    (``R[i][j]``), which forgetting needs. Without counts, experiences weigh the same.
+    (``R[i][j]``), which forgetting needs. Without counts, experiences weigh the same. ``metric`` names
+    what ``accuracy`` is (``Top1_Acc``; a detector's ``AP``): ``<metric>_Exp`` and ``<metric>_Stream``.
+    NaN entries (nothing to measure yet) are left out.
     """
     i = len(accuracy_matrix) - 1
     if i < 0:
@@ -60,10 +63,11 @@ def eval_metrics(results: Mapping[int, Mapping[str, float]], accuracy_matrix: Se
     accs = [float(results[j]["accuracy"]) for j in exps]
     out: dict[str, float] = {}
     for j, acc in zip(exps, accs):
-        out[exp_metric("Top1_Acc_Exp", j)] = acc
+        if math.isfinite(acc):
+            out[exp_metric(f"{metric}_Exp", j)] = acc
         if "loss" in results[j] and math.isfinite(float(results[j]["loss"])):
             out[exp_metric("Loss_Exp", j)] = float(results[j]["loss"])
-    out[ACC_STREAM] = _weighted_mean(accs, counts)
+    out[f"{metric}_Stream/{EVAL}"] = _weighted_mean(accs, counts)
     losses = [float(results[j].get("loss", float("nan"))) for j in exps]
     if any(math.isfinite(v) for v in losses):
         out[LOSS_STREAM] = _weighted_mean(losses, counts)
@@ -71,6 +75,8 @@ def eval_metrics(results: Mapping[int, Mapping[str, float]], accuracy_matrix: Se
     forgetting = []
     for j in range(min(i, len(R[i]))):
         f = float(R[j][j]) - float(R[i][j])
+        if not math.isfinite(f):
+            continue
         forgetting.append(f)
         out[exp_metric("ExperienceForgetting", j)] = f
         out[exp_metric("ExperienceBWT", j)] = 0.0 - f

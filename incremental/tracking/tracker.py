@@ -9,7 +9,8 @@ quickstart an epoch is 8 iterations (about 10 ms), and a file write per epoch al
 
 What is recorded each iteration (``after_training_iteration``, Avalanche's callback):
 - ``strategy.loss`` as ``Loss_MB/train_phase/train_stream`` (the total loss, as Avalanche's metric);
-- ``strategy.loss_terms`` (name -> scalar tensor) as ``loss_terms/<name>``, when the loop exposes it;
+- ``strategy.loss_terms`` (name -> scalar tensor, the criterion's named terms) as ``loss_terms/<name>``
+  (not when the only term is the loss itself);
 - loss weights as ``loss_weights/<name>``: ``strategy.loss_weights`` (a mapping) when the loop exposes
   it, and plugins with ``current_weights()`` and ``names`` (dynamic loss weighting);
 - per-iteration statistics of plugins that keep them (``stats``: experience id -> list of dicts of
@@ -92,9 +93,10 @@ class Tracker(Plugin):
     histogram_stats: tuple[str, ...] = ("similarity",)
 
     def __init__(self, loggers: Sequence[Logger], *, flush_every: int = 1024, flush_secs: float = 5.0,
-                 strategy: Any = None) -> None:
+                 strategy: Any = None, metric: str = "Top1_Acc") -> None:
         super().__init__()
         self.loggers = list(loggers)
+        self.metric = metric
         self.flush_every = int(flush_every)
         self.flush_secs = float(flush_secs)
         self._strategy: Any = strategy  # for the clock in log_eval; set again by before_training
@@ -131,11 +133,12 @@ class Tracker(Plugin):
         row = len(self._meta)
         self._meta.append((clock.train_iterations, exp, clock.train_exp_epochs, batch_size_of(strategy.mbatch)))
         tensors = self._tensors
-        if strategy.loss is not None:
-            tensors.append((row, _LOSS_KEYS, strategy.loss.detach()))
+        loss = strategy.loss
+        if loss is not None:
+            tensors.append((row, _LOSS_KEYS, loss.detach()))
         for attr, prefix in (("loss_terms", "loss_terms/"), ("loss_weights", "loss_weights/")):
             mapping = getattr(strategy, attr, None)
-            if mapping:
+            if mapping and not (len(mapping) == 1 and next(iter(mapping.values())) is loss):  # a lone term that is the loss
                 for key, value in mapping.items():
                     tensors.append((row, (prefix + key,), value.detach() if isinstance(value, torch.Tensor) else value))
         for plugin, keys in self._weight_sources:
@@ -168,7 +171,7 @@ class Tracker(Plugin):
         ``accuracy_matrix``: every row so far, this step's last. Returns the values logged.
         """
         self._flush()
-        values = names.eval_metrics(results, accuracy_matrix)
+        values = names.eval_metrics(results, accuracy_matrix, self.metric)
         clock = getattr(self._strategy, "clock", None)
         iteration = clock.train_iterations if clock is not None else int(experience)
         for logger in self.loggers:
