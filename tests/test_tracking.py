@@ -303,3 +303,46 @@ def test_tracker_is_an_avalanche_plugin_too(tmp_path):
     assert len(rows) == strategy.clock.train_iterations == len(recorder.losses)
     assert [float(r[names.LOSS_MB]) for r in rows] == pytest.approx(recorder.losses, rel=1e-6)
     assert [r["experience"] for r in rows][-1] == "1"
+
+
+def test_loss_terms_are_the_training_criterions_not_a_plugins_later_forward(tmp_path, digits_tiny):
+    """A plugin that runs the criterion again after the backward (gradient mixing does, on the history
+    minibatch) must not change the logged terms."""
+
+    class Named(Plugin):
+        def before_backward(self, strategy, **kwargs):
+            strategy.loss_terms = {"ce": strategy.loss, "zero": torch.zeros(())}
+
+        def after_backward(self, strategy, **kwargs):
+            strategy.loss_terms = {"ce": torch.full((), 123.0), "zero": torch.full((), 456.0)}
+
+    recorder = LossRecorder()
+    train_tiny(digits_tiny, Tracker([CSVLogger(tmp_path / "logs")]), Named(), recorder)
+    rows = read_csv(tmp_path / "logs" / "iterations.csv")
+    assert [float(r["loss_terms/ce"]) for r in rows] == pytest.approx(recorder.losses, rel=1e-6)
+    assert {r["loss_terms/zero"] for r in rows} == {"0.0"}
+
+
+def test_loggers_see_steps_in_order(tmp_path, digits_tiny):
+    """Each epoch's iterations, then its summary, then the next epoch's (W&B drops out-of-order steps)."""
+    from incremental.tracking import Logger
+
+    class Order(Logger):
+        def __init__(self):
+            self.steps = []
+
+        def log_iterations(self, log):
+            self.steps += [("it", s) for s in log.iteration]
+
+        def log_epoch(self, iteration, experience, epoch, values, distributions):
+            self.steps.append(("epoch", iteration))
+
+        def log_eval(self, iteration, experience, values, accuracy_matrix):
+            self.steps.append(("eval", iteration))
+
+    order = Order()
+    train_tiny(digits_tiny, Tracker([order], flush_every=5))
+    # an epoch summary at step s comes after iteration s - 1 and before iteration s
+    kinds = [k for k, _ in order.steps]
+    steps = [s if k == "it" else s - 0.5 for k, s in order.steps]
+    assert steps == sorted(steps) and kinds.count("epoch") == 3 * 2 and kinds.count("eval") == 3

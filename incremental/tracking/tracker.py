@@ -9,8 +9,8 @@ quickstart an epoch is 8 iterations (about 10 ms), and a file write per epoch al
 
 What is recorded each iteration (``after_training_iteration``, Avalanche's callback):
 - ``strategy.loss`` as ``Loss_MB/train_phase/train_stream`` (the total loss, as Avalanche's metric);
-- ``strategy.loss_terms`` (name -> scalar tensor, the criterion's named terms) as ``loss_terms/<name>``
-  (not when the only term is the loss itself);
+- ``strategy.loss_terms`` (name -> scalar tensor, the criterion's named terms, read in ``before_backward``)
+  as ``loss_terms/<name>`` (not when the only term is the loss itself);
 - loss weights as ``loss_weights/<name>``: ``strategy.loss_weights`` (a mapping) when the loop exposes
   it, and plugins with ``current_weights()`` and ``names`` (dynamic loss weighting);
 - per-iteration statistics of plugins that keep them (``stats``: experience id -> list of dicts of
@@ -48,6 +48,13 @@ class IterationLog:
 
     def __len__(self) -> int:
         return len(self.iteration)
+
+    def slice(self, start: int, end: int) -> "IterationLog":
+        """Rows ``start:end`` (columns with no value there are left out)."""
+        values = {k: c[start:end] for k, c in self.values.items()}
+        values = {k: c for k, c in values.items() if any(v == v for v in c)}
+        return IterationLog(self.iteration[start:end], self.experience[start:end], self.epoch[start:end], values,
+                            self.detail & frozenset(values))
 
 
 class Logger:
@@ -106,6 +113,7 @@ class Tracker(Plugin):
         self._last_flush = time.perf_counter()
         self._epoch_start = self._last_flush
         self._exp = 0
+        self._terms: dict[str, Any] | None = None
         self._reset_pending()
         self._reset_epoch()
 
@@ -127,6 +135,13 @@ class Tracker(Plugin):
     def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
         self._epoch_start = time.perf_counter()
 
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        # The criterion's terms, read here: a plugin that runs the criterion again after the backward
+        # (gradient mixing, on the history minibatch) replaces strategy.loss_terms with its own.
+        terms = getattr(strategy, "loss_terms", None)
+        if terms and not (len(terms) == 1 and next(iter(terms.values())) is strategy.loss):  # a lone term that is the loss
+            self._terms = dict(terms)
+
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         clock = strategy.clock
         exp = self._exp
@@ -136,9 +151,9 @@ class Tracker(Plugin):
         loss = strategy.loss
         if loss is not None:
             tensors.append((row, _LOSS_KEYS, loss.detach()))
-        for attr, prefix in (("loss_terms", "loss_terms/"), ("loss_weights", "loss_weights/")):
-            mapping = getattr(strategy, attr, None)
-            if mapping and not (len(mapping) == 1 and next(iter(mapping.values())) is loss):  # a lone term that is the loss
+        terms, self._terms = self._terms, None
+        for mapping, prefix in ((terms, "loss_terms/"), (getattr(strategy, "loss_weights", None), "loss_weights/")):
+            if mapping:
                 for key, value in mapping.items():
                     tensors.append((row, (prefix + key,), value.detach() if isinstance(value, torch.Tensor) else value))
         for plugin, keys in self._weight_sources:
@@ -223,18 +238,15 @@ class Tracker(Plugin):
         return out
 
     def _flush(self) -> None:
-        """Pending iterations to the host and to every logger, then the epochs that ended among them."""
+        """Pending iterations to the host, then to every logger in the order they happened: each epoch's
+        iterations, that epoch's summary, the next epoch's iterations... (W&B needs steps in order)."""
         self._last_flush = time.perf_counter()
         n = len(self._meta)
-        if n:
-            log = self._columns(n)
-            for logger in self.loggers:
-                logger.log_iterations(log)
-            sizes = [m[3] for m in self._meta]
+        log = self._columns(n) if n else IterationLog()
+        sizes = [m[3] for m in self._meta]
         start = 0
         for end, iteration, exp, epoch, seconds in self._epochs:
-            if n:
-                self._accumulate(log, sizes, start, end)
+            self._deliver(log, sizes, start, end)
             means = {key: total / count for key, (total, count) in self._epoch_sums.items() if count}
             if self._epoch_samples:
                 means[names.LOSS_EPOCH] = self._epoch_loss / self._epoch_samples
@@ -243,11 +255,19 @@ class Tracker(Plugin):
                 logger.log_epoch(iteration, exp, epoch, means, self._epoch_dist)
             self._reset_epoch()
             start = end
-        if n:
-            self._accumulate(log, sizes, start, n)  # an epoch still running: carried to the next flush
+        self._deliver(log, sizes, start, n)  # an epoch still running: its totals carry to the next flush
         self._reset_pending()
         for logger in self.loggers:
             logger.flush()
+
+    def _deliver(self, log: IterationLog, sizes: list[int], start: int, end: int) -> None:
+        """Rows ``start:end`` of a flushed block to the loggers and to the current epoch's totals."""
+        if end <= start:
+            return
+        part = log if (start, end) == (0, len(log)) else log.slice(start, end)
+        for logger in self.loggers:
+            logger.log_iterations(part)
+        self._accumulate(part, sizes[start:end])
 
     def _columns(self, n: int) -> IterationLog:
         meta = self._meta
@@ -272,10 +292,10 @@ class Tracker(Plugin):
         log.detail = frozenset(detail)
         return log
 
-    def _accumulate(self, log: IterationLog, sizes: list[int], start: int, end: int) -> None:
-        """Add rows ``start:end`` of a flushed block to the current epoch's totals."""
+    def _accumulate(self, log: IterationLog, sizes: list[int]) -> None:
+        """Add a block of iterations to the current epoch's totals."""
         for key, column in log.values.items():
-            pairs = [(v, s) for v, s in zip(column[start:end], sizes[start:end]) if v == v]  # v == v: not NaN
+            pairs = [(v, s) for v, s in zip(column, sizes) if v == v]  # v == v: not NaN
             if not pairs:
                 continue
             if key == names.LOSS_MB:
