@@ -210,9 +210,14 @@ def test_tensorboard_events_read_back(tmp_path, capsys):
     final = acc.Scalars("Top1_Acc_Exp/eval_phase/test_stream/Exp001")[-1].value
     assert final == pytest.approx(results["accuracy_matrix"][-1][1], abs=1e-6)
     assert len(acc.Images("accuracy_matrix")) == 3
-    # gradient mixing (the quickstart's strategy) starts mixing at experience 1: one histogram per epoch
+    # gradient mixing (the quickstart's strategy) starts mixing at experience 1: one histogram per experience
     assert "gradient_mixing/similarity" in tags["histograms"]
-    assert len(acc.Histograms("gradient_mixing/similarity")) == 2 * 2
+    histograms = acc.Histograms("gradient_mixing/similarity")
+    eval_steps = sorted({int(r["iteration"]) for r in read_csv(out / "logs" / "eval.csv")})  # end of each experience
+    assert [h.step for h in histograms] == eval_steps[1:]
+    per_exp = [r for r in iterations if r["experience"] == "2" and r["gradient_mixing/similarity"]]
+    assert histograms[-1].histogram_value.num == len(per_exp)
+    assert histograms[-1].histogram_value.min == pytest.approx(min(float(r["gradient_mixing/similarity"]) for r in per_exp))
     assert "gradient_mixing/similarity" in tags["scalars"]  # epoch means
 
 
@@ -334,7 +339,7 @@ def test_loggers_see_steps_in_order(tmp_path, digits_tiny):
         def log_iterations(self, log):
             self.steps += [("it", s) for s in log.iteration]
 
-        def log_epoch(self, iteration, experience, epoch, values, distributions):
+        def log_epoch(self, iteration, experience, epoch, values):
             self.steps.append(("epoch", iteration))
 
         def log_eval(self, iteration, experience, values, accuracy_matrix):
@@ -346,3 +351,30 @@ def test_loggers_see_steps_in_order(tmp_path, digits_tiny):
     kinds = [k for k, _ in order.steps]
     steps = [s if k == "it" else s - 0.5 for k, s in order.steps]
     assert steps == sorted(steps) and kinds.count("epoch") == 3 * 2 and kinds.count("eval") == 3
+
+
+def test_scalar_events_are_the_bytes_protobuf_would_write():
+    pytest.importorskip("tensorboard")
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from incremental.tracking.tensorboard_logger import ScalarEvents
+
+    enc = ScalarEvents()
+    long_tag = "Top1_Acc_Exp/eval_phase/test_stream/Exp003" * 4  # a tag longer than 127 bytes
+    for values, step in [({"a": 1.5}, 0), ({"Loss_MB/train_phase/train_stream": 0.25, long_tag: 0.0}, 300),
+                         ({"x": float("nan"), "y": -2.0}, 2**40)]:
+        expected = Event(wall_time=1234.5, step=step, summary=Summary(
+            value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items() if v == v])).SerializeToString()
+        assert enc.encode(values, step, 1234.5) == expected
+    assert enc.encode({"x": float("nan")}, 1, 1.0) is None
+
+
+def test_png_bytes_decode_to_the_same_pixels():
+    from PIL import Image
+
+    from incremental.tracking.tensorboard_logger import png_bytes
+
+    rgb = matrix_image([[0.2, 0.9], [0.5, 1.0]], cell=3)
+    decoded = np.asarray(Image.open(io.BytesIO(png_bytes(rgb))).convert("RGB"))
+    assert decoded.shape == rgb.shape and (decoded == rgb).all()

@@ -103,8 +103,7 @@ class CSVLogger(Logger):
         columns = [log.iteration, log.experience, log.epoch, *(log.values[k] for k in keys)]
         self.iterations.append(["iteration", "experience", "epoch", *keys], list(zip(*columns)))
 
-    def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float],
-                  distributions: Mapping[str, Sequence[float]]) -> None:
+    def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float]) -> None:
         self.epochs.append(["iteration", "experience", "epoch", *values], [[iteration, experience, epoch, *values.values()]])
 
     def log_eval(self, iteration: int, experience: int, values: Mapping[str, float],

@@ -63,9 +63,11 @@ class Logger:
     def log_iterations(self, log: IterationLog) -> None:
         """A block of consecutive training iterations (one epoch, or part of a long one)."""
 
-    def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float],
-                  distributions: Mapping[str, Sequence[float]]) -> None:
-        """End of a training epoch: epoch means and timing; ``distributions``: per-iteration values to histogram."""
+    def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float]) -> None:
+        """End of a training epoch: epoch means and timing."""
+
+    def log_histograms(self, iteration: int, experience: int, distributions: Mapping[str, Sequence[float]]) -> None:
+        """End of a training experience: per-iteration values of the experience to draw as histograms."""
 
     def log_eval(self, iteration: int, experience: int, values: Mapping[str, float],
                  accuracy_matrix: Sequence[Sequence[float]]) -> None:
@@ -76,9 +78,6 @@ class Logger:
 
     def close(self) -> None:
         """Flush and release files, writers and runs."""
-
-
-_LOSS_KEYS = (names.LOSS_MB,)
 
 
 def _experience_id(strategy: Any) -> int:
@@ -94,7 +93,8 @@ def _snake(name: str) -> str:
 class Tracker(Plugin):
     """Loop plugin that collects per-iteration values and forwards them, in bulk, to ``loggers``.
 
-    ``histogram_stats``: plugin statistics whose per-epoch distribution loggers draw as histograms.
+    ``histogram_stats``: plugin statistics whose distribution over each experience's iterations loggers
+    draw as histograms (one per experience: the quickstart's epochs have 8 iterations, too few to draw).
     """
 
     histogram_stats: tuple[str, ...] = ("similarity",)
@@ -114,6 +114,8 @@ class Tracker(Plugin):
         self._epoch_start = self._last_flush
         self._exp = 0
         self._terms: dict[str, Any] | None = None
+        self._keys: dict[tuple[str, str], tuple[str]] = {}
+        self._dist: dict[str, list[float]] = {}  # this experience's values of histogram_stats
         self._reset_pending()
         self._reset_epoch()
 
@@ -138,26 +140,24 @@ class Tracker(Plugin):
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         # The criterion's terms, read here: a plugin that runs the criterion again after the backward
         # (gradient mixing, on the history minibatch) replaces strategy.loss_terms with its own.
-        terms = getattr(strategy, "loss_terms", None)
-        if terms and not (len(terms) == 1 and next(iter(terms.values())) is strategy.loss):  # a lone term that is the loss
-            self._terms = dict(terms)
+        # (The loop assigns a new dict per criterion call, so keeping the reference is enough.)
+        self._terms = getattr(strategy, "loss_terms", None)
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         clock = strategy.clock
         exp = self._exp
         row = len(self._meta)
         self._meta.append((clock.train_iterations, exp, clock.train_exp_epochs, batch_size_of(strategy.mbatch)))
-        tensors = self._tensors
         loss = strategy.loss
-        if loss is not None:
-            tensors.append((row, _LOSS_KEYS, loss.detach()))
+        self._losses.append(None if loss is None else loss.detach())
         terms, self._terms = self._terms, None
-        for mapping, prefix in ((terms, "loss_terms/"), (getattr(strategy, "loss_weights", None), "loss_weights/")):
-            if mapping:
-                for key, value in mapping.items():
-                    tensors.append((row, (prefix + key,), value.detach() if isinstance(value, torch.Tensor) else value))
+        if terms and not (len(terms) == 1 and next(iter(terms.values())) is loss):  # a lone term that is the loss
+            self._add(row, terms, "loss_terms/")
+        weights = getattr(strategy, "loss_weights", None)
+        if weights:
+            self._add(row, weights, "loss_weights/")
         for plugin, keys in self._weight_sources:
-            tensors.append((row, keys, plugin.current_weights().detach()))
+            self._tensors.append((row, keys, plugin.current_weights().detach()))
         for plugin, prefix in self._stats_sources:
             rows = plugin.stats.get(exp)
             if rows and self._stats_seen.get(id(plugin)) != (exp, len(rows)):  # the plugin added a row this iteration
@@ -165,6 +165,14 @@ class Tracker(Plugin):
                 self._host.append((row, prefix, rows[-1]))
         if row + 1 >= self.flush_every:
             self._flush()
+
+    def _add(self, row: int, mapping: Mapping[str, Any], prefix: str) -> None:
+        keys = self._keys
+        for key, value in mapping.items():
+            name = keys.get((prefix, key))
+            if name is None:
+                name = keys[(prefix, key)] = (prefix + key,)
+            self._tensors.append((row, name, value.detach() if isinstance(value, torch.Tensor) else value))
 
     def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
         clock = strategy.clock
@@ -175,7 +183,7 @@ class Tracker(Plugin):
             self._flush()
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        self._flush()
+        self._flush(end_of_experience=strategy.clock.train_iterations)
 
     # ------------------------------------------------------------------ calls from the runner
     def log_eval(self, experience: int, results: Mapping[int, Mapping[str, float]],
@@ -208,6 +216,7 @@ class Tracker(Plugin):
     # ------------------------------------------------------------------ bulk transfer
     def _reset_pending(self) -> None:
         self._meta: list[tuple[int, int, int, int]] = []  # iteration, experience, epoch, minibatch size
+        self._losses: list[torch.Tensor | None] = []  # strategy.loss, detached, one per iteration
         self._tensors: list[tuple[int, tuple[str, ...], Any]] = []  # row, names, tensor (or float)
         self._host: list[tuple[int, str, Mapping[str, float]]] = []  # row, prefix, plugin statistics
         self._epochs: list[tuple[int, int, int, int, float]] = []  # end row, iteration, experience, epoch, seconds
@@ -216,28 +225,42 @@ class Tracker(Plugin):
         self._epoch_loss = 0.0
         self._epoch_samples = 0
         self._epoch_sums: dict[str, tuple[float, int]] = {}
-        self._epoch_dist: dict[str, list[float]] = {}
 
-    def _to_host(self) -> list[list[float]]:
-        """Every pending tensor as floats: one ``cat`` and one ``tolist`` per device, none per iteration."""
-        out: list[list[float]] = [[]] * len(self._tensors)
-        groups: dict[torch.device, list[int]] = {}
+    def _to_host(self) -> tuple[list[float | None], list[list[float]]]:
+        """Every pending tensor as floats (the losses, then the other entries): one ``cat`` and one
+        ``tolist`` per device, none per iteration."""
+        tensors: list[torch.Tensor] = []
+        slots: list[tuple[int, int]] = []  # (-1, row) for a loss, (1, k) for entry k of self._tensors
+        for row, loss in enumerate(self._losses):
+            if loss is not None:
+                tensors.append(loss)
+                slots.append((-1, row))
+        extra: list[list[float]] = [[]] * len(self._tensors)
         for k, (_, _, value) in enumerate(self._tensors):
             if isinstance(value, torch.Tensor):
-                groups.setdefault(value.device, []).append(k)
+                tensors.append(value)
+                slots.append((1, k))
             else:
-                out[k] = [float(value)]
+                extra[k] = [float(value)]
+        losses: list[float | None] = [None] * len(self._losses)
+        groups: dict[torch.device, list[int]] = {}
+        for n, t in enumerate(tensors):
+            groups.setdefault(t.device, []).append(n)
         for idx in groups.values():
-            flat = [self._tensors[k][2].reshape(-1) for k in idx]
+            flat = [tensors[n].reshape(-1) for n in idx]
             numbers = torch.cat(flat).tolist()
             pos = 0
-            for k, t in zip(idx, flat):
-                n = t.numel()
-                out[k] = numbers[pos : pos + n]
-                pos += n
-        return out
+            for n, t in zip(idx, flat):
+                size = t.numel()
+                kind, where = slots[n]
+                if kind < 0:
+                    losses[where] = numbers[pos]
+                else:
+                    extra[where] = numbers[pos : pos + size]
+                pos += size
+        return losses, extra
 
-    def _flush(self) -> None:
+    def _flush(self, end_of_experience: int | None = None) -> None:
         """Pending iterations to the host, then to every logger in the order they happened: each epoch's
         iterations, that epoch's summary, the next epoch's iterations... (W&B needs steps in order)."""
         self._last_flush = time.perf_counter()
@@ -252,11 +275,15 @@ class Tracker(Plugin):
                 means[names.LOSS_EPOCH] = self._epoch_loss / self._epoch_samples
             means[names.TIME_EPOCH] = seconds
             for logger in self.loggers:
-                logger.log_epoch(iteration, exp, epoch, means, self._epoch_dist)
+                logger.log_epoch(iteration, exp, epoch, means)
             self._reset_epoch()
             start = end
         self._deliver(log, sizes, start, n)  # an epoch still running: its totals carry to the next flush
         self._reset_pending()
+        if end_of_experience is not None and self._dist:
+            for logger in self.loggers:
+                logger.log_histograms(end_of_experience, self._exp, self._dist)
+            self._dist = {}
         for logger in self.loggers:
             logger.flush()
 
@@ -274,7 +301,10 @@ class Tracker(Plugin):
         log = IterationLog([m[0] for m in meta], [m[1] for m in meta], [m[2] for m in meta])
         columns = log.values
         nan = math.nan
-        for (row, keys, _), numbers in zip(self._tensors, self._to_host()):
+        losses, extra = self._to_host()
+        if any(v is not None for v in losses):
+            columns[names.LOSS_MB] = [nan if v is None else v for v in losses]
+        for (row, keys, _), numbers in zip(self._tensors, extra):
             for key, value in zip(keys, numbers):
                 column = columns.get(key)
                 if column is None:
@@ -305,4 +335,4 @@ class Tracker(Plugin):
             total, count = self._epoch_sums.get(key, (0.0, 0))
             self._epoch_sums[key] = (total + sum(v for v, _ in pairs), count + len(pairs))
             if key.rsplit("/", 1)[-1] in self.histogram_stats:
-                self._epoch_dist.setdefault(key, []).extend(v for v, _ in pairs)
+                self._dist.setdefault(key, []).extend(v for v, _ in pairs)

@@ -2,7 +2,7 @@
 ``DIR/wandb/offline-run-*`` with no network (``wandb sync`` uploads it later).
 
 Per-iteration values go as means over windows of ``log_every_n_steps`` iterations (one ``wandb.log``
-costs about 1 ms of host time, measured); epoch means, histograms of the gradient-mixing similarity,
+costs about 1 ms of host time, measured); epoch means, per-experience histograms of the gradient-mixing similarity,
 Avalanche's eval metrics and the accuracy matrix image go as they come. The run id is kept in
 ``DIR/wandb_run_id`` so that ``incremental run --resume`` continues the same W&B run.
 """
@@ -62,14 +62,15 @@ class WandbLogger(Logger):
             for key, column in log.values.items():
                 self._window.setdefault(key, []).append(column[row])
 
-    def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float],
-                  distributions: Mapping[str, Sequence[float]]) -> None:
+    def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float]) -> None:
         self._send_window(iteration - 1)
-        payload: dict[str, Any] = dict(values)
-        for key, data in distributions.items():
-            if data:
-                payload[f"{key}_histogram"] = self._wandb.Histogram(np.asarray(data, dtype=np.float64))
-        self.run.log(payload, step=iteration)
+        self.run.log(dict(values), step=iteration)
+
+    def log_histograms(self, iteration: int, experience: int, distributions: Mapping[str, Sequence[float]]) -> None:
+        payload = {f"{key}_histogram": self._wandb.Histogram(np.asarray(data, dtype=np.float64))
+                   for key, data in distributions.items() if data}
+        if payload:
+            self.run.log(payload, step=iteration)
 
     def log_eval(self, iteration: int, experience: int, values: Mapping[str, float],
                  accuracy_matrix: Sequence[Sequence[float]]) -> None:
