@@ -10,8 +10,11 @@ The second table (issue 18) is the cost of experiment tracking on the quickstart
 gradient mixing, 5 experiences, 10 epochs): the same run with no logger, with the default CSV logs, with
 CSV + TensorBoard and with CSV + W&B offline (when installed), interleaved. ``train s`` is the time of
 training and evaluating all experiences with the tracker attached (what the loggers add to a run while it
-trains); ``setup s`` (building the loggers: imports, files, the W&B service) and ``close s`` are shown
-apart, once per run.
+trains), wall and this process's CPU time; ``setup s`` (building the loggers: imports, files, the W&B
+service) and ``close s`` are shown apart, once per run. On a machine shared with other jobs the side-by-side
+ratios move by several percent between invocations, so the table also gives ``tracking``: the CPU time of
+the tracker and loggers alone, replayed on the quickstart's call sequence with a stand-in strategy (min over
+repeats), as a fraction of the fastest untracked run.
 
     python benchmarks/loop_overhead.py [--repeats 7] [--only loop|logging] [--out benchmarks/results/loop_overhead.json]
 """
@@ -173,6 +176,67 @@ def quickstart_with_logging(logging: dict, out: Path, seed: int) -> dict[str, fl
     return {"setup": t1 - t0, "train": t2 - t1, "train_cpu": c2 - c1, "close": t3 - t2}
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.train_iterations = self.train_exp_counter = self.train_exp_epochs = 0
+
+
+class _Experience:
+    def __init__(self, i: int) -> None:
+        self.current_experience = i
+
+
+class _MixingStats:
+    """Stands in for gradient mixing's per-iteration statistics (a row per iteration from experience 1)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[int, list[dict[str, float]]] = {}
+
+
+def replay_tracking(logging: dict, out: Path, n_exp: int = 5, epochs: int = 10, iters: int = 8) -> float:
+    """CPU seconds the tracker and loggers spend on a quickstart-shaped run (5 x 10 x 8 iterations, the
+    gradient-mixing statistics, 5 evaluations), with everything else (the training) left out: the
+    tracking work alone, replayed through the real Tracker and loggers with a stand-in strategy."""
+    from incremental.tracking import LoggingConfig, Tracker, build_loggers
+    from incremental.config import from_dict
+
+    cfg = from_dict(LoggingConfig, logging)
+    losses = [torch.tensor(1.0 / (k + 1)) for k in range(n_exp * epochs * iters)]
+    batch = (torch.zeros(32, 64), torch.zeros(32, dtype=torch.long), torch.zeros(32, dtype=torch.long))
+    mixing = _MixingStats()
+    strategy = type("Strategy", (), {})()
+    strategy.clock, strategy.mbatch, strategy.plugins, strategy.loss_terms = _Clock(), batch, [mixing], None
+    results = {j: {"accuracy": 0.9, "loss": 0.3, "count": 100} for j in range(n_exp)}
+    row = {"similarity": -0.5, "w_h": 2.0, "w_t": 1.0, "norm_h": 0.5, "norm_t": 1.0, "loss_h": 0.1, "loss_t": 0.4, "conflict": 1.0}
+    tracker = Tracker(build_loggers(cfg, out, n_experiences=n_exp))  # setup: measured apart
+    start = time.process_time()
+    tracker.before_training(strategy)
+    clock, matrix = strategy.clock, []
+    for e in range(n_exp):
+        strategy.experience = _Experience(e)
+        tracker.before_training_exp(strategy)
+        clock.train_exp_epochs = 0
+        for _ in range(epochs):
+            tracker.before_training_epoch(strategy)
+            for _ in range(iters):
+                strategy.loss = losses[clock.train_iterations]
+                strategy.loss_terms = {"loss": strategy.loss}
+                if e:
+                    mixing.stats.setdefault(e, []).append(dict(row))
+                tracker.before_backward(strategy)
+                tracker.after_training_iteration(strategy)
+                clock.train_iterations += 1
+            tracker.after_training_epoch(strategy)
+            clock.train_exp_epochs += 1
+        tracker.after_training_exp(strategy)
+        clock.train_exp_counter += 1
+        matrix.append([0.9] * n_exp)
+        tracker.log_eval(e, results, matrix)
+    seconds = time.process_time() - start
+    tracker.close()
+    return seconds
+
+
 def logging_table(repeats: int) -> dict:
     """Wall time and CPU time of this process (W&B's service process not included in the latter): on a
     machine shared with other jobs, CPU time is the steadier measure of what the loggers add."""
@@ -196,15 +260,25 @@ def logging_table(repeats: int) -> dict:
     def paired(name: str, part: str) -> float:  # median over repeats of (variant / none) in the same repeat
         return statistics.median(a / b for a, b in zip(times[name][part], times["none"][part]))
 
+    # The tracking work alone (stand-in strategy), min over repeats, against the fastest untracked run.
+    with tempfile.TemporaryDirectory() as tmp:
+        replay = {k: min(replay_tracking(v, Path(tmp) / f"{k.replace(' ', '_')}_{r}") for r in range(repeats))
+                  for k, v in variants.items()}
+    fastest = min(times["none"]["train_cpu"])
     rows = [{"logging": k, "median_s": med[k], "train_over_none": paired(k, "train"),
-             "train_cpu_over_none": paired(k, "train_cpu"), "all_s": times[k]} for k in variants]
-    print(f"{'logging':>18} | {'train s':>8} {'/ none':>7} | {'CPU s':>7} {'/ none':>7} | {'setup s':>8} {'close s':>8}")
+             "train_cpu_over_none": paired(k, "train_cpu"), "tracking_cpu_s": replay[k],
+             "tracking_over_train_cpu": replay[k] / fastest, "all_s": times[k]} for k in variants]
+    print(f"{'logging':>18} | {'train s':>8} {'/ none':>7} | {'CPU s':>7} {'/ none':>7} | {'tracking':>8} {'/ train':>7} "
+          f"| {'setup s':>8} {'close s':>8}")
     for row in rows:
         m = row["median_s"]
         print(f"{row['logging']:>18} | {m['train']:8.3f} {row['train_over_none']:7.3f} | {m['train_cpu']:7.3f} "
-              f"{row['train_cpu_over_none']:7.3f} | {m['setup']:8.3f} {m['close']:8.3f}")
+              f"{row['train_cpu_over_none']:7.3f} | {1000 * row['tracking_cpu_s']:6.1f}ms {100 * row['tracking_over_train_cpu']:6.1f}% "
+              f"| {m['setup']:8.3f} {m['close']:8.3f}")
     return {"task": "configs/quickstart.yaml (gradient mixing, 5 experiences x 10 epochs, 400 iterations), 1 thread",
-            "repeats": repeats, "ratios": "median over repeats of variant / none in the same repeat", "rows": rows}
+            "repeats": repeats, "ratios": "median over repeats of variant / none in the same repeat",
+            "tracking": "CPU time of the tracker and loggers alone on the same call sequence (min over repeats), "
+                        "over the fastest untracked run's train CPU time", "rows": rows}
 
 
 def main() -> None:

@@ -131,20 +131,21 @@ def test_csv_rows_match_the_loops_iterations(tmp_path, digits_tiny, flush_every)
 
 
 def test_tracker_brings_values_to_the_host_once_per_flush(tmp_path, digits_tiny, monkeypatch):
-    calls = []
-    real_cat = torch.cat
+    """One host transfer (``tolist``) per experience, over all of that experience's iterations."""
+    transfers = []
+    real_tolist = torch.Tensor.tolist
 
-    def counting_cat(tensors, *args, **kwargs):
-        calls.append(len(tensors))
-        return real_cat(tensors, *args, **kwargs)
+    def counting_tolist(self):
+        out = real_tolist(self)
+        transfers.append(len(out) if isinstance(out, list) else 1)
+        return out
 
     tracker = Tracker([CSVLogger(tmp_path / "logs")])
-    monkeypatch.setattr(torch, "cat", counting_cat)
-    trainer = train_tiny(digits_tiny, tracker)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    trainer = train_tiny(digits_tiny, tracker, TermsAndWeights())
     monkeypatch.undo()
-    # one cat (and one tolist) per experience, each over that experience's iterations
-    big = [n for n in calls if n > 1]
-    assert len(big) == 3 and sum(big) == trainer.clock.train_iterations
+    # per iteration: the loss, two loss terms, two weights
+    assert len(transfers) == 3 and sum(transfers) == 5 * trainer.clock.train_iterations
 
 
 def test_csv_resume_drops_rows_of_unfinished_experiences(tmp_path):
@@ -156,8 +157,11 @@ def test_csv_resume_drops_rows_of_unfinished_experiences(tmp_path):
     logger.close()
     assert [r["iteration"] for r in read_csv(logs / "iterations.csv")] == ["0", "1"]
     assert [r["training_exp"] for r in read_csv(logs / "eval.csv")] == ["0"]
+    (logs / "gradient_mixing.csv").write_text("iteration,experience,epoch,similarity\n2,1,0,0.5\n")
+    CSVLogger(logs, experiences_done=1).close()
+    assert read_csv(logs / "gradient_mixing.csv") == []  # plugin logs are trimmed too
     CSVLogger(logs).close()  # a fresh run starts empty files
-    assert (logs / "iterations.csv").read_text() == ""
+    assert (logs / "iterations.csv").read_text() == "" and not (logs / "gradient_mixing.csv").exists()
 
 
 def test_csv_header_grows_when_a_column_appears(tmp_path):
@@ -215,9 +219,12 @@ def test_tensorboard_events_read_back(tmp_path, capsys):
     histograms = acc.Histograms("gradient_mixing/similarity")
     eval_steps = sorted({int(r["iteration"]) for r in read_csv(out / "logs" / "eval.csv")})  # end of each experience
     assert [h.step for h in histograms] == eval_steps[1:]
-    per_exp = [r for r in iterations if r["experience"] == "2" and r["gradient_mixing/similarity"]]
+    mixing = read_csv(out / "logs" / "gradient_mixing.csv")  # one row per iteration that mixed
+    assert {r["experience"] for r in mixing} == {"1", "2"}
+    assert len(mixing) == sum(r["experience"] != "0" for r in iterations)
+    per_exp = [r for r in mixing if r["experience"] == "2"]
     assert histograms[-1].histogram_value.num == len(per_exp)
-    assert histograms[-1].histogram_value.min == pytest.approx(min(float(r["gradient_mixing/similarity"]) for r in per_exp))
+    assert histograms[-1].histogram_value.min == pytest.approx(min(float(r["similarity"]) for r in per_exp))
     assert "gradient_mixing/similarity" in tags["scalars"]  # epoch means
 
 
@@ -328,29 +335,33 @@ def test_loss_terms_are_the_training_criterions_not_a_plugins_later_forward(tmp_
     assert {r["loss_terms/zero"] for r in rows} == {"0.0"}
 
 
-def test_loggers_see_steps_in_order(tmp_path, digits_tiny):
-    """Each epoch's iterations, then its summary, then the next epoch's (W&B drops out-of-order steps)."""
-    from incremental.tracking import Logger
+def test_wandb_gets_its_steps_in_order(tmp_path, digits_tiny, monkeypatch):
+    """W&B drops a step lower than one already logged: the logger holds iteration rows back and sends
+    them, as window means, around the epoch summaries and evaluations."""
+    wandb = pytest.importorskip("wandb")
+    from incremental.tracking.config import WandbConfig
+    from incremental.tracking.wandb_logger import WandbLogger
 
-    class Order(Logger):
+    class FakeRun:
         def __init__(self):
-            self.steps = []
+            self.logged = []
 
-        def log_iterations(self, log):
-            self.steps += [("it", s) for s in log.iteration]
+        def log(self, payload, step):
+            self.logged.append((step, dict(payload)))
 
-        def log_epoch(self, iteration, experience, epoch, values):
-            self.steps.append(("epoch", iteration))
+        def finish(self):
+            pass
 
-        def log_eval(self, iteration, experience, values, accuracy_matrix):
-            self.steps.append(("eval", iteration))
-
-    order = Order()
-    train_tiny(digits_tiny, Tracker([order], flush_every=5))
-    # an epoch summary at step s comes after iteration s - 1 and before iteration s
-    kinds = [k for k, _ in order.steps]
-    steps = [s if k == "it" else s - 0.5 for k, s in order.steps]
-    assert steps == sorted(steps) and kinds.count("epoch") == 3 * 2 and kinds.count("eval") == 3
+    run = FakeRun()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    logger = WandbLogger(WandbConfig(mode="offline", log_every_n_steps=3), tmp_path)
+    trainer = train_tiny(digits_tiny, Tracker([logger], flush_every=5), LossRecorder())
+    steps = [step for step, _ in run.logged]
+    assert steps == sorted(steps) and steps[-1] == trainer.clock.train_iterations
+    windows = [(s, p) for s, p in run.logged if names.LOSS_MB in p]
+    assert sum(1 for s, _ in windows) >= trainer.clock.train_iterations // 3
+    assert sum(1 for _, p in run.logged if names.LOSS_EPOCH in p) == 3 * 2
+    assert sum(1 for _, p in run.logged if names.ACC_STREAM in p) == 3
 
 
 def test_scalar_events_are_the_bytes_protobuf_would_write():

@@ -2,13 +2,15 @@
 at least once per experience; pandas reads them).
 
 - ``iterations.csv``: one row per training iteration: ``iteration, experience, epoch``, then
-  ``Loss_MB/train_phase/train_stream``, ``loss_terms/*``, ``loss_weights/*`` and plugin statistics;
-- ``epochs.csv``: one row per epoch: epoch means, ``Loss_Epoch`` and ``Time_Epoch``;
+  ``Loss_MB/train_phase/train_stream``, ``loss_terms/*``, ``loss_weights/*``;
+- ``<plugin>.csv`` (``gradient_mixing.csv``): the plugin's per-iteration statistics, one row per iteration
+  it recorded one;
+- ``epochs.csv``: one row per epoch: ``Loss_Epoch``, ``Time_Epoch`` and the epoch means of terms and weights;
 - ``eval.csv``: long format, one row per value: ``training_exp, iteration, metric, value`` with
   Avalanche's metric names (``Top1_Acc_Exp/eval_phase/test_stream/Exp003``, ...).
 
-A column that appears mid-run (gradient-mixing statistics start with the second experience) rewrites
-the file once with the wider header. A resumed run drops the rows of experiences its checkpoint had not
+A column that appears mid-run (a loss term first computed in a later experience) rewrites the file once
+with the wider header. A resumed run drops the rows of experiences its checkpoint had not
 finished, so a killed and resumed run logs every iteration exactly once.
 """
 from __future__ import annotations
@@ -78,8 +80,14 @@ class GrowingCSV:
         self._handle.close()
 
 
+MAIN_FILES = ("iterations.csv", "epochs.csv", "eval.csv")
+
+
 class CSVLogger(Logger):
-    """Writes ``iterations.csv``, ``epochs.csv`` and ``eval.csv`` in ``log_dir``.
+    """Writes ``iterations.csv``, ``epochs.csv``, ``eval.csv`` and one ``<plugin>.csv`` per plugin that
+    keeps per-iteration statistics (``gradient_mixing.csv``: one row per iteration it mixed) in ``log_dir``.
+    Why a file per plugin: its statistics start later than the loss (gradient mixing from the second
+    experience) and would otherwise widen ``iterations.csv`` mid-run (a rewrite of the file).
 
     ``experiences_done``: when resuming, rows of experiences from this one on are dropped (they were
     logged by the killed run and will be logged again); ``None`` starts fresh files.
@@ -97,14 +105,39 @@ class CSVLogger(Logger):
         self.iterations = GrowingCSV(self.dir / "iterations.csv", keep("experience"))
         self.epochs = GrowingCSV(self.dir / "epochs.csv", keep("experience"))
         self.eval = GrowingCSV(self.dir / "eval.csv", keep("training_exp"))
+        self.plugins: dict[str, GrowingCSV] = {}
+        for path in sorted(self.dir.glob("*.csv")):
+            if path.name in MAIN_FILES:
+                continue
+            if experiences_done is None:
+                path.unlink()  # a fresh run: the old run's plugin logs go
+            else:
+                self.plugins[path.stem] = GrowingCSV(path, keep("experience"))
+        self._detail: set[str] = set()
+
+    def _plugin_file(self, prefix: str) -> GrowingCSV:
+        if prefix not in self.plugins:
+            self.plugins[prefix] = GrowingCSV(self.dir / f"{prefix}.csv")
+        return self.plugins[prefix]
 
     def log_iterations(self, log: IterationLog) -> None:
-        keys = list(log.values)
-        columns = [log.iteration, log.experience, log.epoch, *(log.values[k] for k in keys)]
-        self.iterations.append(["iteration", "experience", "epoch", *keys], list(zip(*columns)))
+        index = [log.iteration, log.experience, log.epoch]
+        head = ["iteration", "experience", "epoch"]
+        main = [k for k in log.values if k not in log.detail]
+        self.iterations.append([*head, *main], list(zip(*index, *(log.values[k] for k in main))))
+        groups: dict[str, list[str]] = {}
+        for key in log.detail:
+            groups.setdefault(key.split("/", 1)[0], []).append(key)
+        self._detail.update(log.detail)
+        for prefix, keys in groups.items():
+            keys = sorted(keys, key=list(log.values).index)
+            columns = [log.values[k] for k in keys]
+            rows = [r for r in zip(*index, *columns) if any(v == v for v in r[3:])]
+            self._plugin_file(prefix).append([*head, *(k.split("/", 1)[1] for k in keys)], rows)
 
     def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float]) -> None:
-        self.epochs.append(["iteration", "experience", "epoch", *values], [[iteration, experience, epoch, *values.values()]])
+        kept = {k: v for k, v in values.items() if k not in self._detail}
+        self.epochs.append(["iteration", "experience", "epoch", *kept], [[iteration, experience, epoch, *kept.values()]])
 
     def log_eval(self, iteration: int, experience: int, values: Mapping[str, float],
                  accuracy_matrix: Sequence[Sequence[float]]) -> None:
@@ -112,10 +145,13 @@ class CSVLogger(Logger):
                          [[experience, iteration, k, v] for k, v in values.items()])
         self.eval.flush()
 
+    def _files(self) -> list[GrowingCSV]:
+        return [self.iterations, self.epochs, self.eval, *self.plugins.values()]
+
     def flush(self) -> None:
-        for f in (self.iterations, self.epochs, self.eval):
+        for f in self._files():
             f.flush()
 
     def close(self) -> None:
-        for f in (self.iterations, self.epochs, self.eval):
+        for f in self._files():
             f.close()

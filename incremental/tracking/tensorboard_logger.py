@@ -59,6 +59,9 @@ def tfrecords(payloads: Sequence[bytes], checksum: Callable[[bytes], int]) -> by
     return b"".join(parts)
 
 
+_FLOAT, _DOUBLE = struct.Struct("<f"), struct.Struct("<d")
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while n > 0x7F:
@@ -103,10 +106,15 @@ class ScalarEvents:
         return prefix
 
     def encode(self, values: Mapping[str, float], step: int, wall_time: float) -> bytes | None:
-        summary = b"".join(self._value_prefix(k) + struct.pack("<f", v) for k, v in values.items() if v == v)
+        return self.encode_row(list(values), list(values.values()), step, wall_time)
+
+    def encode_row(self, tags: Sequence[str], values: Sequence[float], step: int, wall_time: float) -> bytes | None:
+        """One event of ``tags[i] = values[i]`` (NaN values left out)."""
+        prefix = self._value_prefix
+        summary = b"".join([prefix(t) + _FLOAT.pack(v) for t, v in zip(tags, values) if v == v])
         if not summary:
             return None
-        head = b"\x09" + struct.pack("<d", wall_time) + (b"\x10" + _varint(int(step)) if step else b"")
+        head = b"\x09" + _DOUBLE.pack(wall_time) + (b"\x10" + _varint(int(step)) if step else b"")
         return head + b"\x2a" + _varint(len(summary)) + summary
 
 
@@ -162,6 +170,14 @@ class EventFile:
         if event is not None:
             self._pending.append(event)
 
+    def scalar_rows(self, tags: Sequence[str], columns: Sequence[Sequence[float]], steps: Sequence[int]) -> None:
+        """One event per step of a block of rows (``columns[i][row]`` is tag i's value at ``steps[row]``)."""
+        now, encode, pending = time.time(), self._scalars.encode_row, self._pending
+        for step, values in zip(steps, zip(*columns)):
+            event = encode(tags, values, step, now)
+            if event is not None:
+                pending.append(event)
+
     def flush(self) -> None:
         if self._pending:
             self._file.write(tfrecords(self._pending, self._checksum))
@@ -182,10 +198,8 @@ class TensorBoardLogger(Logger):
 
     def log_iterations(self, log: IterationLog) -> None:
         keys = [k for k in log.values if k not in log.detail]
-        columns = [log.values[k] for k in keys]
-        now = time.time()
-        for row, step in enumerate(log.iteration):
-            self.events.scalars({k: c[row] for k, c in zip(keys, columns)}, step, now)
+        if keys:
+            self.events.scalar_rows(keys, [log.values[k] for k in keys], log.iteration)
 
     def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float]) -> None:
         self.events.scalars(values, iteration)

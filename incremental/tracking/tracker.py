@@ -49,19 +49,14 @@ class IterationLog:
     def __len__(self) -> int:
         return len(self.iteration)
 
-    def slice(self, start: int, end: int) -> "IterationLog":
-        """Rows ``start:end`` (columns with no value there are left out)."""
-        values = {k: c[start:end] for k, c in self.values.items()}
-        values = {k: c for k, c in values.items() if any(v == v for v in c)}
-        return IterationLog(self.iteration[start:end], self.experience[start:end], self.epoch[start:end], values,
-                            self.detail & frozenset(values))
-
 
 class Logger:
     """A destination for tracked values; every method is optional (no-ops here)."""
 
     def log_iterations(self, log: IterationLog) -> None:
-        """A block of consecutive training iterations (one epoch, or part of a long one)."""
+        """A block of consecutive training iterations (those since the last flush). The summaries of the
+        epochs that ended in the block follow (``log_epoch``): a logger that needs its steps in order
+        (W&B) holds the rows back until then."""
 
     def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float]) -> None:
         """End of a training epoch: epoch means and timing."""
@@ -78,6 +73,19 @@ class Logger:
 
     def close(self) -> None:
         """Flush and release files, writers and runs."""
+
+
+def _batch_size(mbatch: Any) -> int:
+    x = mbatch[0]
+    return x.shape[0] if isinstance(x, torch.Tensor) else batch_size_of(mbatch)  # shape: cheaper than len()
+
+
+def _stack_scalars(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One-element tensors (shape () or (1,)) as one flat float tensor: one op when the shapes agree."""
+    try:
+        return torch.stack(tensors).reshape(-1).float()
+    except RuntimeError:  # mixed shapes
+        return torch.stack([t.reshape(()) for t in tensors]).float()
 
 
 def _experience_id(strategy: Any) -> int:
@@ -147,7 +155,7 @@ class Tracker(Plugin):
         clock = strategy.clock
         exp = self._exp
         row = len(self._meta)
-        self._meta.append((clock.train_iterations, exp, clock.train_exp_epochs, batch_size_of(strategy.mbatch)))
+        self._meta.append((clock.train_iterations, exp, clock.train_exp_epochs, _batch_size(strategy.mbatch)))
         loss = strategy.loss
         self._losses.append(None if loss is None else loss.detach())
         terms, self._terms = self._terms, None
@@ -227,49 +235,44 @@ class Tracker(Plugin):
         self._epoch_sums: dict[str, tuple[float, int]] = {}
 
     def _to_host(self) -> tuple[list[float | None], list[list[float]]]:
-        """Every pending tensor as floats (the losses, then the other entries): one ``cat`` and one
-        ``tolist`` per device, none per iteration."""
-        tensors: list[torch.Tensor] = []
-        slots: list[tuple[int, int]] = []  # (-1, row) for a loss, (1, k) for entry k of self._tensors
+        """Every pending tensor as floats (the losses, then the other entries): one ``tolist`` per device,
+        none per iteration (scalar losses are stacked, other entries flattened and concatenated)."""
+        losses: list[float | None] = [None] * len(self._losses)
+        extra: list[list[float]] = [[]] * len(self._tensors)
+        by_device: dict[torch.device, tuple[list[int], list[int]]] = {}
         for row, loss in enumerate(self._losses):
             if loss is not None:
-                tensors.append(loss)
-                slots.append((-1, row))
-        extra: list[list[float]] = [[]] * len(self._tensors)
+                by_device.setdefault(loss.device, ([], []))[0].append(row)
         for k, (_, _, value) in enumerate(self._tensors):
             if isinstance(value, torch.Tensor):
-                tensors.append(value)
-                slots.append((1, k))
+                by_device.setdefault(value.device, ([], []))[1].append(k)
             else:
                 extra[k] = [float(value)]
-        losses: list[float | None] = [None] * len(self._losses)
-        groups: dict[torch.device, list[int]] = {}
-        for n, t in enumerate(tensors):
-            groups.setdefault(t.device, []).append(n)
-        for idx in groups.values():
-            flat = [tensors[n].reshape(-1) for n in idx]
-            numbers = torch.cat(flat).tolist()
-            pos = 0
-            for n, t in zip(idx, flat):
-                size = t.numel()
-                kind, where = slots[n]
-                if kind < 0:
-                    losses[where] = numbers[pos]
-                else:
-                    extra[where] = numbers[pos : pos + size]
-                pos += size
+        for rows, ks in by_device.values():
+            parts = [_stack_scalars([self._losses[r] for r in rows])] if rows else []
+            flat = [self._tensors[k][2].reshape(-1).float() for k in ks]
+            numbers = torch.cat(parts + flat).tolist() if len(parts) + len(flat) > 1 else (parts or flat)[0].tolist()
+            for r, v in zip(rows, numbers):
+                losses[r] = v
+            pos = len(rows)
+            for k, t in zip(ks, flat):
+                extra[k] = numbers[pos : pos + t.numel()]
+                pos += t.numel()
         return losses, extra
 
     def _flush(self, end_of_experience: int | None = None) -> None:
-        """Pending iterations to the host, then to every logger in the order they happened: each epoch's
-        iterations, that epoch's summary, the next epoch's iterations... (W&B needs steps in order)."""
+        """Pending iterations to the host and to every logger (one block), then the summaries of the
+        epochs that ended among them, in order, then (at an experience's end) the histograms."""
         self._last_flush = time.perf_counter()
         n = len(self._meta)
         log = self._columns(n) if n else IterationLog()
+        if n:
+            for logger in self.loggers:
+                logger.log_iterations(log)
         sizes = [m[3] for m in self._meta]
         start = 0
         for end, iteration, exp, epoch, seconds in self._epochs:
-            self._deliver(log, sizes, start, end)
+            self._accumulate(log, sizes, start, end)
             means = {key: total / count for key, (total, count) in self._epoch_sums.items() if count}
             if self._epoch_samples:
                 means[names.LOSS_EPOCH] = self._epoch_loss / self._epoch_samples
@@ -278,7 +281,7 @@ class Tracker(Plugin):
                 logger.log_epoch(iteration, exp, epoch, means)
             self._reset_epoch()
             start = end
-        self._deliver(log, sizes, start, n)  # an epoch still running: its totals carry to the next flush
+        self._accumulate(log, sizes, start, n)  # an epoch still running: its totals carry to the next flush
         self._reset_pending()
         if end_of_experience is not None and self._dist:
             for logger in self.loggers:
@@ -286,15 +289,6 @@ class Tracker(Plugin):
             self._dist = {}
         for logger in self.loggers:
             logger.flush()
-
-    def _deliver(self, log: IterationLog, sizes: list[int], start: int, end: int) -> None:
-        """Rows ``start:end`` of a flushed block to the loggers and to the current epoch's totals."""
-        if end <= start:
-            return
-        part = log if (start, end) == (0, len(log)) else log.slice(start, end)
-        for logger in self.loggers:
-            logger.log_iterations(part)
-        self._accumulate(part, sizes[start:end])
 
     def _columns(self, n: int) -> IterationLog:
         meta = self._meta
@@ -322,10 +316,13 @@ class Tracker(Plugin):
         log.detail = frozenset(detail)
         return log
 
-    def _accumulate(self, log: IterationLog, sizes: list[int]) -> None:
-        """Add a block of iterations to the current epoch's totals."""
+    def _accumulate(self, log: IterationLog, sizes: list[int], start: int, end: int) -> None:
+        """Add rows ``start:end`` of a flushed block to the current epoch's totals."""
+        if end <= start:
+            return
+        sizes = sizes[start:end]
         for key, column in log.values.items():
-            pairs = [(v, s) for v, s in zip(column, sizes) if v == v]  # v == v: not NaN
+            pairs = [(v, s) for v, s in zip(column[start:end], sizes) if v == v]  # v == v: not NaN
             if not pairs:
                 continue
             if key == names.LOSS_MB:

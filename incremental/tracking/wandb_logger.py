@@ -2,9 +2,12 @@
 ``DIR/wandb/offline-run-*`` with no network (``wandb sync`` uploads it later).
 
 Per-iteration values go as means over windows of ``log_every_n_steps`` iterations (one ``wandb.log``
-costs about 1 ms of host time, measured); epoch means, per-experience histograms of the gradient-mixing similarity,
-Avalanche's eval metrics and the accuracy matrix image go as they come. The run id is kept in
-``DIR/wandb_run_id`` so that ``incremental run --resume`` continues the same W&B run.
+costs about 1 ms of host time, measured), with each epoch's summary in the call of its last window (at
+the epoch's last iteration); per-experience histograms of the gradient-mixing similarity, Avalanche's
+eval metrics and the accuracy matrix image go as they come. W&B drops a step lower than one already
+logged, so rows are held back and sent in step order. The run id is kept in ``DIR/wandb_run_id`` so that
+``incremental run --resume`` continues the same W&B run (steps a resumed run logs again are below W&B's
+last step and dropped by W&B: the killed run's values stay).
 """
 from __future__ import annotations
 
@@ -41,42 +44,61 @@ class WandbLogger(Logger):
         self._window: dict[str, list[float]] = {}
         self._window_id: int | None = None
         self._last_step = 0
+        self._held: list[tuple[IterationLog, int]] = []  # rows not sent yet, and where each block resumes
 
-    def _send_window(self, step: int) -> None:
-        means = {}
+    def _send_window(self, step: int, extra: Mapping[str, Any] | None = None) -> None:
+        means: dict[str, Any] = dict(extra or {})
         for key, values in self._window.items():
-            finite = [v for v in values if not math.isnan(v)]
-            if finite:
+            finite = [v for v in values if v == v]
+            if finite and key not in means:
                 means[key] = sum(finite) / len(finite)
         if means:
             self.run.log(means, step=step)
         self._window = {}
 
+    def _send_until(self, limit: float) -> None:
+        """Put the held-back rows with a step below ``limit`` into windows, sending each full window."""
+        while self._held:
+            log, row = self._held[0]
+            while row < len(log) and log.iteration[row] < limit:
+                step = log.iteration[row]
+                window = step // self.every
+                if self._window_id is not None and window != self._window_id:
+                    self._send_window(self._last_step)
+                self._window_id, self._last_step = window, step
+                for key, column in log.values.items():
+                    self._window.setdefault(key, []).append(column[row])
+                row += 1
+            if row < len(log):
+                self._held[0] = (log, row)
+                return
+            self._held.pop(0)
+
     def log_iterations(self, log: IterationLog) -> None:
-        for row, step in enumerate(log.iteration):
-            self._last_step = step
-            window = step // self.every
-            if self._window_id is not None and window != self._window_id:
-                self._send_window(step - 1)
-            self._window_id = window
-            for key, column in log.values.items():
-                self._window.setdefault(key, []).append(column[row])
+        self._held.append((log, 0))  # sent in step order, around the epoch summaries that follow
 
     def log_epoch(self, iteration: int, experience: int, epoch: int, values: Mapping[str, float]) -> None:
-        self._send_window(iteration - 1)
-        self.run.log(dict(values), step=iteration)
+        self._send_until(iteration)
+        self._send_window(iteration - 1, values)  # one call: the epoch's last window and its summary
 
     def log_histograms(self, iteration: int, experience: int, distributions: Mapping[str, Sequence[float]]) -> None:
+        self._send_until(iteration)
         payload = {f"{key}_histogram": self._wandb.Histogram(np.asarray(data, dtype=np.float64))
                    for key, data in distributions.items() if data}
         if payload:
             self.run.log(payload, step=iteration)
 
+    def flush(self) -> None:
+        self._send_until(math.inf)
+
     def log_eval(self, iteration: int, experience: int, values: Mapping[str, float],
                  accuracy_matrix: Sequence[Sequence[float]]) -> None:
+        self._send_until(math.inf)
+        self._send_window(iteration - 1)
         image = self._wandb.Image(matrix_image(accuracy_matrix, self.n_experiences), caption=f"after experience {experience}")
         self.run.log({**values, "accuracy_matrix": image}, step=iteration)
 
     def close(self) -> None:
+        self._send_until(math.inf)
         self._send_window(self._last_step)
         self.run.finish()
