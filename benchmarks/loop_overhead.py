@@ -201,6 +201,8 @@ def replay_tracking(logging: dict, out: Path, n_exp: int = 5, epochs: int = 10, 
     from incremental.config import from_dict
 
     cfg = from_dict(LoggingConfig, logging)
+    if not (cfg.csv or cfg.tensorboard or (cfg.wandb is not None and cfg.wandb.mode != "disabled")):
+        return 0.0  # no logger: no tracker is attached to the loop at all
     losses = [torch.tensor(1.0 / (k + 1)) for k in range(n_exp * epochs * iters)]
     batch = (torch.zeros(32, 64), torch.zeros(32, dtype=torch.long), torch.zeros(32, dtype=torch.long))
     mixing = _MixingStats()

@@ -116,6 +116,7 @@ class Tracker(Plugin):
         self.flush_secs = float(flush_secs)
         self._strategy: Any = strategy  # for the clock in log_eval; set again by before_training
         self._weight_sources: list[tuple[Any, tuple[str, ...]]] = []
+        self._extra_sources = True  # weights or statistics to read each iteration (known at before_training)
         self._stats_sources: list[tuple[Any, str]] = []
         self._stats_seen: dict[int, tuple[int, int]] = {}
         self._last_flush = time.perf_counter()
@@ -138,6 +139,7 @@ class Tracker(Plugin):
                 self._weight_sources.append((plugin, tuple(f"loss_weights/{n}" for n in plugin.names)))
             if isinstance(getattr(plugin, "stats", None), dict):
                 self._stats_sources.append((plugin, _snake(type(plugin).__name__)))
+        self._extra_sources = bool(self._weight_sources or self._stats_sources) or hasattr(strategy, "loss_weights")
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._exp = _experience_id(strategy)
@@ -152,27 +154,37 @@ class Tracker(Plugin):
         self._terms = getattr(strategy, "loss_terms", None)
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        clock = strategy.clock
-        exp = self._exp
-        row = len(self._meta)
-        self._meta.append((clock.train_iterations, exp, clock.train_exp_epochs, _batch_size(strategy.mbatch)))
+        # Kept to a few appends: in the loop this runs with cold caches, several times slower than alone.
+        losses = self._losses
+        row = len(losses)
+        if not row:  # a block starts: the iteration numbers of its rows follow from here
+            clock = strategy.clock
+            self._block = (clock.train_iterations, clock.train_exp_epochs)
         loss = strategy.loss
-        self._losses.append(None if loss is None else loss.detach())
-        terms, self._terms = self._terms, None
-        if terms and not (len(terms) == 1 and next(iter(terms.values())) is loss):  # a lone term that is the loss
-            self._add(row, terms, "loss_terms/")
+        losses.append(None if loss is None else loss.detach())
+        self._sizes.append(_batch_size(strategy.mbatch))
+        terms = self._terms
+        if terms is not None:
+            self._terms = None
+            if not (len(terms) == 1 and next(iter(terms.values())) is loss):  # a lone term that is the loss
+                self._add(row, terms, "loss_terms/")
+        if self._extra_sources:
+            self._record_sources(strategy, row)
+        if row + 1 >= self.flush_every:
+            self._flush()
+
+    def _record_sources(self, strategy: Any, row: int) -> None:
         weights = getattr(strategy, "loss_weights", None)
         if weights:
             self._add(row, weights, "loss_weights/")
         for plugin, keys in self._weight_sources:
             self._tensors.append((row, keys, plugin.current_weights().detach()))
+        exp = self._exp
         for plugin, prefix in self._stats_sources:
             rows = plugin.stats.get(exp)
             if rows and self._stats_seen.get(id(plugin)) != (exp, len(rows)):  # the plugin added a row this iteration
                 self._stats_seen[id(plugin)] = (exp, len(rows))
                 self._host.append((row, prefix, rows[-1]))
-        if row + 1 >= self.flush_every:
-            self._flush()
 
     def _add(self, row: int, mapping: Mapping[str, Any], prefix: str) -> None:
         keys = self._keys
@@ -186,7 +198,7 @@ class Tracker(Plugin):
         clock = strategy.clock
         exp = self._exp
         now = time.perf_counter()
-        self._epochs.append((len(self._meta), clock.train_iterations, exp, clock.train_exp_epochs, now - self._epoch_start))
+        self._epochs.append((len(self._losses), clock.train_iterations, exp, clock.train_exp_epochs, now - self._epoch_start))
         if now - self._last_flush >= self.flush_secs:
             self._flush()
 
@@ -223,8 +235,9 @@ class Tracker(Plugin):
 
     # ------------------------------------------------------------------ bulk transfer
     def _reset_pending(self) -> None:
-        self._meta: list[tuple[int, int, int, int]] = []  # iteration, experience, epoch, minibatch size
+        self._block = (0, 0)  # iteration and epoch of the block's first row (rows are consecutive iterations)
         self._losses: list[torch.Tensor | None] = []  # strategy.loss, detached, one per iteration
+        self._sizes: list[int] = []  # minibatch sizes
         self._tensors: list[tuple[int, tuple[str, ...], Any]] = []  # row, names, tensor (or float)
         self._host: list[tuple[int, str, Mapping[str, float]]] = []  # row, prefix, plugin statistics
         self._epochs: list[tuple[int, int, int, int, float]] = []  # end row, iteration, experience, epoch, seconds
@@ -264,12 +277,12 @@ class Tracker(Plugin):
         """Pending iterations to the host and to every logger (one block), then the summaries of the
         epochs that ended among them, in order, then (at an experience's end) the histograms."""
         self._last_flush = time.perf_counter()
-        n = len(self._meta)
+        n = len(self._losses)
         log = self._columns(n) if n else IterationLog()
         if n:
             for logger in self.loggers:
                 logger.log_iterations(log)
-        sizes = [m[3] for m in self._meta]
+        sizes = self._sizes
         start = 0
         for end, iteration, exp, epoch, seconds in self._epochs:
             self._accumulate(log, sizes, start, end)
@@ -291,8 +304,14 @@ class Tracker(Plugin):
             logger.flush()
 
     def _columns(self, n: int) -> IterationLog:
-        meta = self._meta
-        log = IterationLog([m[0] for m in meta], [m[1] for m in meta], [m[2] for m in meta])
+        first, epoch = self._block
+        epochs = []
+        start = 0
+        for end, *_ in self._epochs:  # rows after an epoch's end belong to the next epoch
+            epochs += [epoch] * (end - start)
+            epoch, start = epoch + 1, end
+        epochs += [epoch] * (n - start)
+        log = IterationLog(list(range(first, first + n)), [self._exp] * n, epochs)
         columns = log.values
         nan = math.nan
         losses, extra = self._to_host()
