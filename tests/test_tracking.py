@@ -389,3 +389,20 @@ def test_png_bytes_decode_to_the_same_pixels():
     rgb = matrix_image([[0.2, 0.9], [0.5, 1.0]], cell=3)
     decoded = np.asarray(Image.open(io.BytesIO(png_bytes(rgb))).convert("RGB"))
     assert decoded.shape == rgb.shape and (decoded == rgb).all()
+
+
+def test_a_run_resumes_with_other_loggers(tmp_path, capsys):
+    out = tmp_path / "run"
+    env_kill = {"INCREMENTAL_KILL_AFTER_EXPERIENCE": "1"}
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "incremental", "run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), *TINY]
+    killed = subprocess.run(cmd, env={**os.environ, **env_kill}, capture_output=True, text=True)
+    assert killed.returncode != 0 and (out / "checkpoints" / "exp_001.pt").is_file()
+    code = main(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), *TINY, "--resume",
+                 "--set", "logging.csv=false"])
+    assert code == 0, capsys.readouterr().err
+    # the CSV rows of the first experience (before the kill) stay; nothing was appended after it
+    assert {r["experience"] for r in read_csv(out / "logs" / "iterations.csv")} == {"0"}

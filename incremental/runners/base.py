@@ -277,8 +277,7 @@ def execute(run: Run, out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
 
     out_dir = Path(out_dir)
     config = dataclasses.asdict(run.cfg)
-    # what is logged is not what is learned: a run resumes with other loggers
-    checkpointer = RunCheckpointer(out_dir, {k: v for k, v in config.items() if k != "logging"})
+    checkpointer = RunCheckpointer(out_dir, config)  # (its logging section is not compared on resume)
     start = checkpointer.restore(run) if resume else 0
     run.tracker = build_tracker(run.cfg.logging, out_dir, run.trainer, config=config, experiences_done=start,
                                 n_experiences=run.n_steps, metric=run.eval_metric)
