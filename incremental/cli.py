@@ -22,8 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "update": "incremental.update",
     "feedback": "incremental.detection.feedback",
     "package": "incremental.commands.package", "predict": "incremental.commands.predict",
-    "grid": "incremental.grids.grid_command",
-    "report": "incremental.grids.report_command",
+    "grid": "incremental.commands.grid", "report": "incremental.commands.report",
 }
 
 

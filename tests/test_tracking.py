@@ -406,3 +406,18 @@ def test_a_run_resumes_with_other_loggers(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     # the CSV rows of the first experience (before the kill) stay; nothing was appended after it
     assert {r["experience"] for r in read_csv(out / "logs" / "iterations.csv")} == {"0"}
+
+
+def test_multitask_runs_log_a_metric_per_task(tmp_path):
+    """A family whose evaluation is a metric per task (not an accuracy per experience) logs named values."""
+    from incremental.cli import main as cli_main
+
+    out = tmp_path / "mt"
+    code = cli_main(["run", str(ROOT / "configs/synthfaces_multitask.yaml"), "--out", str(out), "--quiet",
+                     "--set", "train.epochs=1", "--set", "scenario.n_train=96", "--set", "scenario.n_test=64",
+                     "--set", "scenario.image_size=32"])
+    assert code == 0
+    metrics = {r["metric"] for r in read_csv(out / "logs" / "eval.csv")}
+    assert metrics and all(m.split("/")[1:3] == ["eval_phase", "test_stream"] for m in metrics)
+    assert not any(m.startswith("Top1_Acc_Exp") for m in metrics)
+    assert len(read_csv(out / "logs" / "iterations.csv")) > 0

@@ -254,6 +254,11 @@ class Run:
         has them, ``loss`` and ``count``); by default the last row of ``accuracy_matrix``."""
         return {j: {"accuracy": v} for j, v in enumerate(self.accuracy_matrix[-1])}
 
+    def log_evaluation(self, tracker: Tracker, i: int) -> None:
+        """Log step ``i``'s evaluation: Avalanche's metrics from :meth:`eval_results` (a family whose
+        evaluation is not an accuracy per test experience logs named values with ``tracker.log_values``)."""
+        tracker.log_eval(i, self.eval_results(), self.accuracy_matrix)
+
     def save_package(self, path: Path) -> Path | None:
         return None
 
@@ -285,7 +290,7 @@ def execute(run: Run, out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
         for i in tqdm(range(start, run.n_steps), desc="steps", disable=not run.progress, initial=start,
                       total=run.n_steps):
             run.step(i)
-            run.tracker.log_eval(i, run.eval_results(), run.accuracy_matrix)
+            run.log_evaluation(run.tracker, i)
             checkpointer.save(run, i + 1, run.extra_state())
     results = run.results()
     if is_main_process():

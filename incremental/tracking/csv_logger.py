@@ -140,7 +140,7 @@ class CSVLogger(Logger):
         self.epochs.append(["iteration", "experience", "epoch", *kept], [[iteration, experience, epoch, *kept.values()]])
 
     def log_eval(self, iteration: int, experience: int, values: Mapping[str, float],
-                 accuracy_matrix: Sequence[Sequence[float]]) -> None:
+                 accuracy_matrix: Sequence[Sequence[float]] | None) -> None:
         self.eval.append(["training_exp", "iteration", "metric", "value"],
                          [[experience, iteration, k, v] for k, v in values.items()])
         self.eval.flush()

@@ -210,9 +210,10 @@ class TensorBoardLogger(Logger):
                 self.events.histogram(key, np.asarray(data, dtype=np.float64), iteration)
 
     def log_eval(self, iteration: int, experience: int, values: Mapping[str, float],
-                 accuracy_matrix: Sequence[Sequence[float]]) -> None:
+                 accuracy_matrix: Sequence[Sequence[float]] | None) -> None:
         self.events.scalars(values, iteration)
-        self.events.image("accuracy_matrix", matrix_image(accuracy_matrix, self.n_experiences), iteration)
+        if accuracy_matrix:
+            self.events.image("accuracy_matrix", matrix_image(accuracy_matrix, self.n_experiences), iteration)
         self.events.flush()
 
     def flush(self) -> None:

@@ -65,8 +65,9 @@ class Logger:
         """End of a training experience: per-iteration values of the experience to draw as histograms."""
 
     def log_eval(self, iteration: int, experience: int, values: Mapping[str, float],
-                 accuracy_matrix: Sequence[Sequence[float]]) -> None:
-        """After the evaluation that follows training experience ``experience``."""
+                 accuracy_matrix: Sequence[Sequence[float]] | None) -> None:
+        """After the evaluation that follows training experience ``experience`` (the accuracy matrix so
+        far, or None when the family's evaluation is not one)."""
 
     def flush(self) -> None:
         """End of a tracker flush: make what was logged visible (write files, send events)."""
@@ -211,15 +212,23 @@ class Tracker(Plugin):
         """After evaluating the test stream that follows training experience ``experience``.
 
         ``results``: the loop's ``eval`` output (``{test experience: {accuracy, loss, count}}``);
-        ``accuracy_matrix``: every row so far, this step's last. Returns the values logged.
+        ``accuracy_matrix``: every row so far, this step's last. Logs Avalanche's eval metrics and the
+        matrix as an image; returns the values logged.
         """
-        self._flush()
         values = names.eval_metrics(results, accuracy_matrix, self.metric)
+        self.log_values(experience, values, accuracy_matrix)
+        return values
+
+    def log_values(self, experience: int, values: Mapping[str, float],
+                   accuracy_matrix: Sequence[Sequence[float]] | None = None) -> None:
+        """Named evaluation values after training experience ``experience``, for a family whose
+        evaluation is not an accuracy per test experience (multi-task: a metric per task); the matrix
+        image only when ``accuracy_matrix`` is given."""
+        self._flush()
         clock = getattr(self._strategy, "clock", None)
         iteration = clock.train_iterations if clock is not None else int(experience)
         for logger in self.loggers:
             logger.log_eval(iteration, int(experience), values, accuracy_matrix)
-        return values
 
     def close(self) -> None:
         self._flush()

@@ -92,11 +92,14 @@ class WandbLogger(Logger):
         self._send_until(math.inf)
 
     def log_eval(self, iteration: int, experience: int, values: Mapping[str, float],
-                 accuracy_matrix: Sequence[Sequence[float]]) -> None:
+                 accuracy_matrix: Sequence[Sequence[float]] | None) -> None:
         self._send_until(math.inf)
         self._send_window(iteration - 1)
-        image = self._wandb.Image(matrix_image(accuracy_matrix, self.n_experiences), caption=f"after experience {experience}")
-        self.run.log({**values, "accuracy_matrix": image}, step=iteration)
+        payload: dict[str, Any] = dict(values)
+        if accuracy_matrix:
+            payload["accuracy_matrix"] = self._wandb.Image(matrix_image(accuracy_matrix, self.n_experiences),
+                                                           caption=f"after experience {experience}")
+        self.run.log(payload, step=iteration)
 
     def close(self) -> None:
         self._send_until(math.inf)

@@ -15,7 +15,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..cli import UsageError
-    from .report import ReportError, write_report
+    from ..grids.report import ReportError, write_report
 
     try:
         table, files = write_report(args.dir, args.out, plots=not args.no_plots)

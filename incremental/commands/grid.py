@@ -22,9 +22,9 @@ def add_parser(sub: Any) -> None:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from ..cli import UsageError
-    from .report import write_report
-    from .runner import GridError, run_grid
-    from .spec import load_grid
+    from ..grids.report import write_report
+    from ..grids.runner import GridError, run_grid
+    from ..grids.spec import load_grid
 
     if args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
