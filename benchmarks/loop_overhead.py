@@ -6,11 +6,22 @@ replay and with a 200-sample reservoir replay (32 history samples per step, as A
 The three implementations run interleaved (plain, ours, Avalanche, plain, ...) so that machine noise
 hits all of them alike; the table reports medians and ratios.
 
-    python benchmarks/loop_overhead.py [--repeats 7] [--out benchmarks/results/loop_overhead.json]
+The second table (issue 18) is the cost of experiment tracking on the quickstart (configs/quickstart.yaml:
+gradient mixing, 5 experiences, 10 epochs): the same run with no logger, with the default CSV logs, with
+CSV + TensorBoard and with CSV + W&B offline (when installed), interleaved. ``train s`` is the time of
+training and evaluating all experiences with the tracker attached (what the loggers add to a run while it
+trains), wall and this process's CPU time; ``setup s`` (building the loggers: imports, files, the W&B
+service) and ``close s`` are shown apart, once per run. On a machine shared with other jobs the side-by-side
+ratios move by several percent between invocations, so the table also gives ``tracking``: the CPU time of
+the tracker and loggers alone, replayed on the quickstart's call sequence with a stand-in strategy (min over
+repeats), as a fraction of the fastest untracked run.
+
+    python benchmarks/loop_overhead.py [--repeats 7] [--only loop|logging] [--out benchmarks/results/loop_overhead.json]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -135,13 +146,157 @@ def avalanche(seed: int, mem: int) -> float:
     return time.perf_counter() - start
 
 
+LOGGING_VARIANTS: dict[str, dict] = {
+    "none": {"csv": False},
+    "csv": {"csv": True},
+    "csv+tensorboard": {"csv": True, "tensorboard": True},
+    "csv+wandb offline": {"csv": True, "wandb": {"project": "loop-overhead", "mode": "offline"}},
+}
+
+
+def quickstart_with_logging(logging: dict, out: Path, seed: int) -> dict[str, float]:
+    """One quickstart run with the given ``logging:`` section: seconds for setup, train+eval (wall and
+    this process's CPU time), close."""
+    import dataclasses
+
+    from incremental.cli import prepare_run
+    from incremental.tracking import build_tracker
+
+    runner_mod, cfg, _ = prepare_run(str(ROOT / "configs" / "quickstart.yaml"), [f"seed={seed}", f"logging={logging}"])
+    run = runner_mod.ClassificationRun(cfg)
+    t0 = time.perf_counter()
+    tracker = build_tracker(cfg.logging, out, run.trainer, config=dataclasses.asdict(cfg), n_experiences=run.n_experiences)
+    t1, c1 = time.perf_counter(), time.process_time()
+    for i in range(run.n_experiences):
+        run.step(i)
+        tracker.log_eval(i, run.last_eval, run.accuracy_matrix)
+    t2, c2 = time.perf_counter(), time.process_time()
+    tracker.close()
+    t3 = time.perf_counter()
+    return {"setup": t1 - t0, "train": t2 - t1, "train_cpu": c2 - c1, "close": t3 - t2}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.train_iterations = self.train_exp_counter = self.train_exp_epochs = 0
+
+
+class _Experience:
+    def __init__(self, i: int) -> None:
+        self.current_experience = i
+
+
+class _MixingStats:
+    """Stands in for gradient mixing's per-iteration statistics (a row per iteration from experience 1)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[int, list[dict[str, float]]] = {}
+
+
+def replay_tracking(logging: dict, out: Path, n_exp: int = 5, epochs: int = 10, iters: int = 8) -> float:
+    """CPU seconds the tracker and loggers spend on a quickstart-shaped run (5 x 10 x 8 iterations, the
+    gradient-mixing statistics, 5 evaluations), with everything else (the training) left out: the
+    tracking work alone, replayed through the real Tracker and loggers with a stand-in strategy."""
+    from incremental.tracking import LoggingConfig, Tracker, build_loggers
+    from incremental.config import from_dict
+
+    cfg = from_dict(LoggingConfig, logging)
+    if not (cfg.csv or cfg.tensorboard or (cfg.wandb is not None and cfg.wandb.mode != "disabled")):
+        return 0.0  # no logger: no tracker is attached to the loop at all
+    losses = [torch.tensor(1.0 / (k + 1)) for k in range(n_exp * epochs * iters)]
+    batch = (torch.zeros(32, 64), torch.zeros(32, dtype=torch.long), torch.zeros(32, dtype=torch.long))
+    mixing = _MixingStats()
+    strategy = type("Strategy", (), {})()
+    strategy.clock, strategy.mbatch, strategy.plugins, strategy.loss_terms = _Clock(), batch, [mixing], None
+    results = {j: {"accuracy": 0.9, "loss": 0.3, "count": 100} for j in range(n_exp)}
+    row = {"similarity": -0.5, "w_h": 2.0, "w_t": 1.0, "norm_h": 0.5, "norm_t": 1.0, "loss_h": 0.1, "loss_t": 0.4, "conflict": 1.0}
+    tracker = Tracker(build_loggers(cfg, out, n_experiences=n_exp))  # setup: measured apart
+    start = time.process_time()
+    tracker.before_training(strategy)
+    clock, matrix = strategy.clock, []
+    for e in range(n_exp):
+        strategy.experience = _Experience(e)
+        tracker.before_training_exp(strategy)
+        clock.train_exp_epochs = 0
+        for _ in range(epochs):
+            tracker.before_training_epoch(strategy)
+            for _ in range(iters):
+                strategy.loss = losses[clock.train_iterations]
+                strategy.loss_terms = {"loss": strategy.loss}
+                if e:
+                    mixing.stats.setdefault(e, []).append(dict(row))
+                tracker.before_backward(strategy)
+                tracker.after_training_iteration(strategy)
+                clock.train_iterations += 1
+            tracker.after_training_epoch(strategy)
+            clock.train_exp_epochs += 1
+        tracker.after_training_exp(strategy)
+        clock.train_exp_counter += 1
+        matrix.append([0.9] * n_exp)
+        tracker.log_eval(e, results, matrix)
+    seconds = time.process_time() - start
+    tracker.close()
+    return seconds
+
+
+def logging_table(repeats: int) -> dict:
+    """Wall time and CPU time of this process (W&B's service process not included in the latter): on a
+    machine shared with other jobs, CPU time is the steadier measure of what the loggers add."""
+    import importlib.util
+    import tempfile
+
+    variants = {k: v for k, v in LOGGING_VARIANTS.items()
+                if "wandb" not in v or importlib.util.find_spec("wandb") is not None}
+    parts = ("setup", "train", "train_cpu", "close")
+    times: dict[str, dict[str, list[float]]] = {k: {p: [] for p in parts} for k in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, logging in variants.items():  # warm-up: imports, first-call costs
+            quickstart_with_logging(logging, Path(tmp) / "warmup" / name.replace(" ", "_"), 0)
+        for r in range(repeats):
+            for name, logging in variants.items():
+                t = quickstart_with_logging(logging, Path(tmp) / f"{name.replace(' ', '_')}_{r}", r)
+                for part, value in t.items():
+                    times[name][part].append(value)
+    med = {k: {part: statistics.median(v) for part, v in ps.items()} for k, ps in times.items()}
+
+    def paired(name: str, part: str) -> float:  # median over repeats of (variant / none) in the same repeat
+        return statistics.median(a / b for a, b in zip(times[name][part], times["none"][part]))
+
+    # The tracking work alone (stand-in strategy), min over repeats, against the fastest untracked run.
+    with tempfile.TemporaryDirectory() as tmp:
+        replay = {k: min(replay_tracking(v, Path(tmp) / f"{k.replace(' ', '_')}_{r}") for r in range(repeats))
+                  for k, v in variants.items()}
+    fastest = min(times["none"]["train_cpu"])
+    rows = [{"logging": k, "median_s": med[k], "train_over_none": paired(k, "train"),
+             "train_cpu_over_none": paired(k, "train_cpu"), "tracking_cpu_s": replay[k],
+             "tracking_over_train_cpu": replay[k] / fastest, "all_s": times[k]} for k in variants]
+    print(f"{'logging':>18} | {'train s':>8} {'/ none':>7} | {'CPU s':>7} {'/ none':>7} | {'tracking':>8} {'/ train':>7} "
+          f"| {'setup s':>8} {'close s':>8}")
+    for row in rows:
+        m = row["median_s"]
+        print(f"{row['logging']:>18} | {m['train']:8.3f} {row['train_over_none']:7.3f} | {m['train_cpu']:7.3f} "
+              f"{row['train_cpu_over_none']:7.3f} | {1000 * row['tracking_cpu_s']:6.1f}ms {100 * row['tracking_over_train_cpu']:6.1f}% "
+              f"| {m['setup']:8.3f} {m['close']:8.3f}")
+    return {"task": "configs/quickstart.yaml (gradient mixing, 5 experiences x 10 epochs, 400 iterations), 1 thread",
+            "repeats": repeats, "ratios": "median over repeats of variant / none in the same repeat",
+            "tracking": "CPU time of the tracker and loggers alone on the same call sequence (min over repeats), "
+                        "over the fastest untracked run's train CPU time", "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", choices=("loop", "logging"), help="run one table (the other is kept from --out)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loop_overhead.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    if args.only == "logging":
+        result = {**previous, "logging": logging_table(args.repeats)}
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+        return
     runners = {"plain": plain_loop, "ours": ours, "avalanche": avalanche}
     rows = []
     for mem in (0, 200):
@@ -165,8 +320,13 @@ def main() -> None:
         m = row["median_s"]
         print(f"{row['replay_mem']:>7} | {m['plain']:8.3f} {m['ours']:8.3f} {m['avalanche']:8.3f} | "
               f"{row['ours_over_plain']:10.2f} {row['ours_over_avalanche']:10.2f} {row['avalanche_over_plain']:11.2f}")
-    write_json(args.out, {"task": "split digits 5x2, MLP 64-256-10, SGD 0.05, 3 epochs, batch 32, 1 thread",
-                          "repeats": args.repeats, "rows": rows})
+    result = {"task": "split digits 5x2, MLP 64-256-10, SGD 0.05, 3 epochs, batch 32, 1 thread",
+              "repeats": args.repeats, "rows": rows}
+    if args.only != "loop":
+        result["logging"] = logging_table(args.repeats)
+    elif "logging" in previous:
+        result["logging"] = previous["logging"]
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

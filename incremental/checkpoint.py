@@ -27,6 +27,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
+#: Config sections that change what a run records, not what it computes: a run resumes with other values.
+NOT_COMPARED = ("logging",)
+
+
+def _comparable(config: Any) -> Any:
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED} if isinstance(config, dict) else config
+
+
 class Resumable(Protocol):
     """What a run object exposes for checkpointing between experiences."""
 
@@ -92,7 +100,7 @@ class RunCheckpointer:
             except CheckpointError as exc:
                 print(f"warning: {exc}; trying an older checkpoint", file=sys.stderr)
                 continue
-            if state["config"] != self.config:
+            if _comparable(state["config"]) != _comparable(self.config):
                 raise CheckpointError(
                     f"{path} was written by a run with a different config; resume with the same config "
                     "(and --set values) or use a new --out directory"

@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, str] = {
     "update": "incremental.update",
     "feedback": "incremental.detection.feedback",
     "package": "incremental.commands.package", "predict": "incremental.commands.predict",
+    "grid": "incremental.commands.grid", "report": "incremental.commands.report",
 }
 
 

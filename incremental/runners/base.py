@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..buffer import STORAGE_POLICIES, HistoryLibrary
 from ..config import ConfigError, check
 from ..distributed import is_main_process
+from ..tracking import LoggingConfig, Tracker, build_tracker
 from ..trainer import seed_everything
 
 
@@ -89,6 +90,7 @@ class RunConfig:
 
     seed: int = 0
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # ----------------------------------------------------------------------------- old strategy names
@@ -180,6 +182,8 @@ class Run:
     """
 
     title = "run"
+    #: Avalanche's name of what ``accuracy_matrix`` holds, for the logs (``Top1_Acc_Exp/eval_phase/...``)
+    eval_metric = "Top1_Acc"
 
     def __init__(self, cfg: Any, out_dir: Path | str = ".", progress: bool = False) -> None:
         self.cfg = cfg
@@ -193,6 +197,7 @@ class Run:
         self.train_time_s = 0.0
         self.trainer: Any = None
         self.plugins: list[Any] = []
+        self.tracker: Tracker | None = None  # set by execute() before the first step
 
     # -- shared pieces -------------------------------------------------------------------------
     def make_history(self, collate_fn: Callable | None = None) -> HistoryLibrary | None:
@@ -215,6 +220,8 @@ class Run:
         from strategies.registry import build_plugins
 
         self.plugins = build_plugins(self.cfg.strategy.plugins, hooks, defaults={"seed": self.cfg.seed})
+        if self.tracker is not None and self.tracker.loggers:  # a loop built during a step logs too
+            return [*self.plugins, self.tracker]
         return self.plugins
 
     def check_plugins(self, hooks: Mapping[str, Any] | None = None) -> None:
@@ -242,6 +249,16 @@ class Run:
     def report(self, results: dict[str, Any]) -> str:
         return ""
 
+    def eval_results(self) -> Mapping[int, Mapping[str, float]]:
+        """The step's evaluation per test experience for the logs: ``accuracy`` (and, where the family
+        has them, ``loss`` and ``count``); by default the last row of ``accuracy_matrix``."""
+        return {j: {"accuracy": v} for j, v in enumerate(self.accuracy_matrix[-1])}
+
+    def log_evaluation(self, tracker: Tracker, i: int) -> None:
+        """Log step ``i``'s evaluation: Avalanche's metrics from :meth:`eval_results` (a family whose
+        evaluation is not an accuracy per test experience logs named values with ``tracker.log_values``)."""
+        tracker.log_eval(i, self.eval_results(), self.accuracy_matrix)
+
     def save_package(self, path: Path) -> Path | None:
         return None
 
@@ -264,12 +281,17 @@ def execute(run: Run, out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
     from ..checkpoint import RunCheckpointer
 
     out_dir = Path(out_dir)
-    checkpointer = RunCheckpointer(out_dir, dataclasses.asdict(run.cfg))
+    config = dataclasses.asdict(run.cfg)
+    checkpointer = RunCheckpointer(out_dir, config)  # (its logging section is not compared on resume)
     start = checkpointer.restore(run) if resume else 0
-    for i in tqdm(range(start, run.n_steps), desc="steps", disable=not run.progress, initial=start,
-                  total=run.n_steps):
-        run.step(i)
-        checkpointer.save(run, i + 1, run.extra_state())
+    run.tracker = build_tracker(run.cfg.logging, out_dir, run.trainer, config=config, experiences_done=start,
+                                n_experiences=run.n_steps, metric=run.eval_metric)
+    with run.tracker:
+        for i in tqdm(range(start, run.n_steps), desc="steps", disable=not run.progress, initial=start,
+                      total=run.n_steps):
+            run.step(i)
+            run.log_evaluation(run.tracker, i)
+            checkpointer.save(run, i + 1, run.extra_state())
     results = run.results()
     if is_main_process():
         package = run.save_package(out_dir / "model.pt")

@@ -159,7 +159,7 @@ class ClassificationRun(Run):
             self.trainer.train(union_experience(stream, i))
         else:
             self.trainer.train(stream[i])
-        results = self.trainer.eval(self.benchmark.test_stream)
+        results = self.last_eval = self.trainer.eval(self.benchmark.test_stream)
         row = [results[j]["accuracy"] for j in range(self.n_steps)]
         self.accuracy_matrix.append(row)
         self.train_time_s += time.perf_counter() - start
@@ -194,6 +194,9 @@ class ClassificationRun(Run):
 
     def report(self, results: dict[str, Any]) -> str:
         return format_matrix(results["accuracy_matrix"])
+
+    def eval_results(self) -> dict[int, dict[str, float]]:
+        return self.last_eval  # accuracy, loss and sample count per test experience
 
     def save_package(self, path: Path) -> Path:
         """The trained model as a deployable package (with its exemplars, for ``incremental update``)."""

@@ -469,6 +469,7 @@ class DetectionRun(Run):
     scene and adaptation with the plugins. After each step: COCO AP on both test sets."""
 
     n_steps = 2
+    eval_metric = "AP"  # accuracy_matrix holds COCO AP (general scene, transfer scene)
 
     def __init__(self, cfg: Config, out_dir: Path | str = ".", progress: bool = False, resume: bool = False) -> None:
         from ..detection.model import build_detector

@@ -351,6 +351,11 @@ class MultiTaskRun(Run):
         self.accuracy_matrix.append([result[t.name][t.metric] for t in self.tasks])
         return result
 
+    def log_evaluation(self, tracker: Any, i: int) -> None:
+        """Each task's headline metric on the test set, e.g. ``accuracy/eval_phase/test_stream/gender``."""
+        tracker.log_values(i, {f"{t.metric}/eval_phase/test_stream/{t.name}": float(v)
+                               for t, v in zip(self.tasks, self.accuracy_matrix[-1])})
+
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "evaluations": self.evaluations, "epochs_done": self.epochs_done,
                 "train_cpu_time_s": self.train_cpu_time_s}

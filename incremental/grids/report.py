@@ -1,0 +1,97 @@
+"""``incremental report DIR``: one table over a folder of runs (Markdown, CSV, JSON) and plots.
+
+The table has one row per setting: the setting's values, the number of runs (seeds), and mean ± std
+over them of average accuracy, average incremental accuracy, forgetting, BWT and wall time. The plots:
+bars with error bars per setting, accuracy against every numeric setting key (memory size, ...), and the
+per-experience curve (accuracy on the experiences seen so far after each step) per setting.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..io import write_json, write_text
+from .collect import METRICS, Group, find_runs, group_runs
+from .spec import describe, short_names
+
+PERCENT = {"avg_acc", "avg_inc_acc", "forgetting", "bwt"}
+
+
+class ReportError(Exception):
+    """Nothing to report (the CLI turns it into a one-line error, exit code 2)."""
+
+
+def _cell(mean: float, std: float | None, column: str) -> str:
+    if math.isnan(mean):
+        return "—"
+    scale, digits = (100.0, 1) if column in PERCENT else (1.0, 1)
+    text = f"{scale * mean:.{digits}f}"
+    return text + (f" ± {scale * std:.{digits}f}" if std is not None else "")
+
+
+def build_table(groups: Sequence[Group], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One dict per setting: the setting, ``n``, ``seeds`` and ``<metric>_mean`` / ``<metric>_std``."""
+    rows = []
+    for g in groups:
+        row: dict[str, Any] = {k: g.setting[k] for k in keys}
+        row["n"] = len(g.runs)
+        row["seeds"] = sorted((r.seed for r in g.runs), key=str)
+        for metric, column in METRICS.items():
+            mean, std, _ = g.stats(metric)
+            row[f"{column}_mean"] = None if math.isnan(mean) else mean
+            row[f"{column}_std"] = std
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    short = short_names(list(keys))
+    columns = [c for c in METRICS.values() if any(r.get(f"{c}_mean") is not None for r in rows)]
+    titles = {"avg_acc": "avg acc (%)", "avg_inc_acc": "avg inc. acc (%)", "forgetting": "forgetting (%)",
+              "bwt": "BWT (%)", "time_s": "time (s)"}
+    header = [short[k] for k in keys] + ["n"] + [titles[c] for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        cells = [describe(r[k]) for k in keys] + [str(r["n"])]
+        cells += [_cell(r[f"{c}_mean"] if r[f"{c}_mean"] is not None else math.nan, r[f"{c}_std"], c) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, list(rows[0]))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else v if isinstance(v, (int, float, str)) else describe(v))
+                             for k, v in r.items()})
+    return buf.getvalue()
+
+
+def write_report(root: str | Path, out: str | Path | None = None, plots: bool = True) -> tuple[str, list[Path]]:
+    """Aggregate every run under ``root``; writes ``report.{md,csv,json}`` and PNGs to ``out``
+    (default ``root/report``). Returns the Markdown table and the files written."""
+    root = Path(root)
+    runs = find_runs(root)
+    if not runs:
+        raise ReportError(f"no results.json under {root}")
+    keys, groups = group_runs(runs)
+    rows = build_table(groups, keys)
+    out = Path(out) if out is not None else root / "report"
+    table = markdown(rows, keys)
+    header = f"{len(runs)} runs under {root}, {len(groups)} settings (mean ± sample std over seeds)"
+    files = [
+        write_text(out / "report.md", f"{header}\n\n{table}\n"),
+        write_text(out / "report.csv", csv_text(rows)),
+        write_json(out / "report.json", {"root": str(root), "setting_keys": keys, "rows": rows,
+                                         "runs": [str(r.path.relative_to(root)) for r in runs]}),
+    ]
+    if plots:
+        from .report_plots import plot_all
+
+        files += plot_all(groups, keys, out)
+    return f"{header}\n\n{table}", files
