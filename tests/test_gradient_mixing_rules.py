@@ -1,7 +1,8 @@
 """The mixing rules and the gradient-diversity formulas against numbers computed by hand.
 
 Every expected value is worked out in the comment above it; the code under test is
-strategies/gradient_mixing.py (pure functions only, no model, no loop).
+strategies/mixing_rules.py, incremental/flat_gradients.py and incremental/selection.py (pure functions
+only, no model, no loop).
 """
 from __future__ import annotations
 
@@ -10,21 +11,18 @@ import math
 import pytest
 import torch
 
-from strategies.gradient_mixing import (
+from incremental.flat_gradients import assign_flat_grad, flatten_grads
+from incremental.selection import eviction_weights, max_cosine, replacement_probability
+from strategies.mixing_rules import (
     RULES,
     Geometry,
-    assign_flat_grad,
-    eviction_weights,
-    flatten_grads,
     gradient_geometry,
-    max_cosine,
     mix,
     mix_agem,
     mix_mega,
     mix_pcgrad,
     mix_similarity,
     mix_sum,
-    replacement_probability,
     weights_similarity,
 )
 

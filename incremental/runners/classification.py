@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from .. import selection  # noqa: F401 - registers the model-aware storage policies by name
 from ..buffer import STORAGE_POLICIES, HistoryLibrary
 from ..config import ConfigError, check
 from .common import TrainConfig, make_optimizer
@@ -41,9 +42,10 @@ STRATEGIES = ("naive", "replay", "gradient_mixing", "lwf", "ewc", "cumulative", 
 class StrategyConfig:
     name: Literal["naive", "replay", "gradient_mixing", "lwf", "ewc", "cumulative", "joint"] = "replay"
     mem_size: int = 200
-    storage_policy: str = "reservoir"
+    storage_policy: str | None = None  # None: the strategy's own default (replay: reservoir)
     history_batch_size: int | None = None
     rule: str = "similarity"
+    gradient_pass: Literal["auto", "fused", "two_pass"] = "auto"
     max_comparisons: int = 10
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
@@ -53,9 +55,8 @@ class StrategyConfig:
         check(self.mem_size >= 0, "strategy.mem_size", f"must be >= 0, got {self.mem_size}")
         if self.name in ("replay", "gradient_mixing"):
             check(self.mem_size > 0, "strategy.mem_size", f"{self.name} needs a history library (mem_size > 0)")
-        known = set(STORAGE_POLICIES) | {"gradient_diversity"}
-        check(self.storage_policy in known, "strategy.storage_policy",
-              f"unknown policy {self.storage_policy!r}; known: {', '.join(sorted(known))}")
+        check(self.storage_policy is None or self.storage_policy in STORAGE_POLICIES, "strategy.storage_policy",
+              f"unknown policy {self.storage_policy!r}; known: {', '.join(sorted(STORAGE_POLICIES))}")
         if self.history_batch_size is not None:
             check(self.history_batch_size > 0, "strategy.history_batch_size", "must be > 0")
 
@@ -108,17 +109,16 @@ def build_strategy(cfg: StrategyConfig, seed: int) -> tuple[list[Any], HistoryLi
     history = None
     plugins: list[Any] = []
     if cfg.name in ("replay", "gradient_mixing"):
-        if cfg.storage_policy == "gradient_diversity":
-            from strategies.gradient_mixing import GradientDiversityPolicy
-
-            policy: Any = GradientDiversityPolicy(max_comparisons=cfg.max_comparisons)
-        else:
-            policy = cfg.storage_policy
+        policy: Any = cfg.storage_policy or "reservoir"
+        if cfg.storage_policy is None and cfg.name == "gradient_mixing":
+            from strategies.gradient_mixing import DEFAULT_POLICY as policy
+        if policy == "gradient_diversity":
+            policy = selection.GradientDiversityPolicy(max_comparisons=cfg.max_comparisons)
         history = HistoryLibrary(cfg.mem_size, policy, seed=seed)
     if cfg.name == "gradient_mixing":
         from strategies.gradient_mixing import GradientMixingPlugin
 
-        plugins.append(GradientMixingPlugin(rule=cfg.rule))
+        plugins.append(GradientMixingPlugin(rule=cfg.rule, gradient_pass=cfg.gradient_pass, seed=seed))
     elif cfg.name == "lwf":
         from avalanche.training.plugins import LwFPlugin
 
