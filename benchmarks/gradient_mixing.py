@@ -50,20 +50,17 @@ from incremental.buffer import HistoryLibrary  # noqa: E402
 from incremental.config import from_dict  # noqa: E402
 from incremental.io import write_json  # noqa: E402
 from incremental.metrics import summarize  # noqa: E402
-from incremental.models import MLP  # noqa: E402
+from incremental.data import Experience, TensorSamples  # noqa: E402
+from incremental.models import MLP, build_model  # noqa: E402
 from incremental.plugins import Plugin  # noqa: E402
 from incremental.scenarios.digits import split_digits  # noqa: E402
 from incremental.trainer import Trainer  # noqa: E402
-from strategies.gradient_mixing import (  # noqa: E402
-    RULES,
-    GradientDiversityPolicy,
-    GradientMixingPlugin,
-    flatten_grads,
-    mix,
-)
+from incremental.flat_gradients import flatten_grads  # noqa: E402
+from incremental.selection import GradientDiversityPolicy  # noqa: E402
+from strategies.gradient_mixing import GradientMixingPlugin  # noqa: E402
+from strategies.mixing_rules import RULES, mix  # noqa: E402
 
 EPOCHS, BATCH, LR = 10, 32, 0.1  # the project's Split Digits configs (trained to convergence)
-COST_EPOCHS = 3  # the cost part measures time per step; fewer epochs suffice
 QUIET = False  # --quiet: no progress lines and no tables on stdout (the JSON has the tables)
 N_EXP = 5
 
@@ -283,7 +280,7 @@ def print_transfer_table(out: dict[str, Any], steps: int, mem: int) -> list[str]
 # ==================================================================================================
 
 class ExtraPassOnly(Plugin):
-    """The floor of the method: the history forward + backward, nothing mixed (gradient discarded)."""
+    """The floor of the two-pass computation: the history forward + backward, nothing mixed."""
 
     consumes_history = True
 
@@ -299,55 +296,66 @@ class ExtraPassOnly(Plugin):
         torch.autograd.grad(loss, params)
 
 
-def time_training(kind: str, hidden: int, layers: int, digits: Any) -> tuple[float, float]:
-    """(CPU s, wall s) to train experiences 1..4 (the ones with a history) after an untimed experience 0."""
+#: The models of the cost table: (label, builder, input shape).
+COST_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "MLP 784-256-256-10 (Split Fashion-MNIST)": (lambda: MLP(784, 256, 10, hidden_layers=2), (1, 28, 28)),
+    "resnet18_reduced, 3x32x32": (lambda: build_model("resnet18_reduced", in_channels=3, n_classes=10), (3, 32, 32)),
+}
+COST_KINDS = ("replay", "mixing, two passes", "mixing, fused", "extra pass only")
+
+
+def time_training(kind: str, model_name: str, steps: int) -> tuple[float, float]:
+    """(CPU s, wall s) of ``steps`` training steps of 32 new + 32 history samples (random tensors: the
+    cost does not depend on the values), after an untimed first step."""
+    build, shape = COST_MODELS[model_name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((steps + 1) * BATCH, *shape, generator=gen)
+    y = torch.randint(0, 10, (len(x),), generator=gen)
+    history = HistoryLibrary(200, "reservoir", seed=0)
+    history.update(TensorSamples(torch.rand(200, *shape, generator=gen), torch.randint(0, 10, (200,), generator=gen)))
     torch.manual_seed(0)
-    model = MLP(64, hidden, 10, hidden_layers=layers)
-    plugins: list[Any] = {"replay": [], "mixing": [GradientMixingPlugin("similarity")],
+    model = build()
+    plugins: list[Any] = {"replay": [], "mixing, two passes": [GradientMixingPlugin(gradient_pass="two_pass")],
+                          "mixing, fused": [GradientMixingPlugin(gradient_pass="fused")],
                           "extra pass only": [ExtraPassOnly()]}[kind]
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.CrossEntropyLoss(), train_mb_size=BATCH,
-                      train_epochs=COST_EPOCHS, plugins=plugins, history=HistoryLibrary(200, "reservoir", seed=0),
-                      seed=0)
-    trainer.train(digits.train_stream[0])
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.CrossEntropyLoss(),
+                      train_mb_size=BATCH, train_epochs=1, plugins=plugins, history=history, seed=0, shuffle=False)
+    trainer.train(Experience(TensorSamples(x[:BATCH], y[:BATCH]), 0, list(range(10))))  # warm-up step
+    exp = Experience(TensorSamples(x[BATCH:], y[BATCH:]), 1, list(range(10)))
     cpu, wall = time.process_time(), time.perf_counter()
-    trainer.train(digits.train_stream[1:])
+    trainer.train(exp)
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def cost_part(args: argparse.Namespace) -> dict[str, Any]:
-    digits = split_digits(N_EXP, seed=0)
     out = {}
-    for hidden, layers in args.cost_models:
-        kinds = ("replay", "mixing", "extra pass only")
-        for kind in kinds:  # warm-up
-            time_training(kind, hidden, layers, digits)
-        samples: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    for model_name, steps in args.cost_models:
+        for kind in COST_KINDS:  # warm-up
+            time_training(kind, model_name, 2)
+        samples: dict[str, list[tuple[float, float]]] = {k: [] for k in COST_KINDS}
         for _ in range(args.repeats):
-            for kind in kinds:  # interleaved, so load changes hit all three alike
-                samples[kind].append(time_training(kind, hidden, layers, digits))
+            for kind in COST_KINDS:  # interleaved, so load changes hit all of them alike
+                samples[kind].append(time_training(kind, model_name, steps))
         med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in samples.items()}
-        name = f"MLP 64-{hidden}x{layers}-10"
-        out[name] = {
-            "cpu_s": {k: v[0] for k, v in med.items()}, "wall_s": {k: v[1] for k, v in med.items()},
-            "mixing_over_replay_cpu": med["mixing"][0] / med["replay"][0],
-            "mixing_over_replay_wall": med["mixing"][1] / med["replay"][1],
-            "floor_over_replay_cpu": med["extra pass only"][0] / med["replay"][0],
-            "mixing_over_floor_cpu": med["mixing"][0] / med["extra pass only"][0],
+        rep = med["replay"]
+        out[model_name] = {
+            "steps": steps, "cpu_s": {k: v[0] for k, v in med.items()}, "wall_s": {k: v[1] for k, v in med.items()},
+            "over_replay_cpu": {k: v[0] / rep[0] for k, v in med.items()},
+            "over_replay_wall": {k: v[1] / rep[1] for k, v in med.items()},
+            "all_cpu_s": {k: [c for c, _ in v] for k, v in samples.items()},
         }
-        log(f"  cost {name} done", args.quiet)
+        log(f"  cost {model_name} done", args.quiet)
     return out
 
 
 def print_cost_table(out: dict[str, Any]) -> list[str]:
-    lines = ["", f"Training time, experiences 1-4 of Split Digits ({COST_EPOCHS} epochs, 32 training + 32 history samples per step), "
-                 "median of interleaved repeats",
-             f"{'model':20s} | replay cpu s | mixing cpu s | extra pass only cpu s | mixing/replay cpu (wall) | "
-             "floor/replay | mixing/floor"]
+    lines = ["", "Training time per step, 32 new + 32 history samples, median of interleaved repeats, one thread; "
+                 "ratio to replay: CPU time (wall)",
+             f"{'model':42s} | {'replay ms':>9s} | " + " | ".join(f"{k:>22s}" for k in COST_KINDS[1:])]
     for name, r in out.items():
-        lines.append(f"{name:20s} | {r['cpu_s']['replay']:12.3f} | {r['cpu_s']['mixing']:12.3f} | "
-                     f"{r['cpu_s']['extra pass only']:21.3f} | {r['mixing_over_replay_cpu']:6.2f} "
-                     f"({r['mixing_over_replay_wall']:4.2f})           | {r['floor_over_replay_cpu']:12.2f} | "
-                     f"{r['mixing_over_floor_cpu']:12.2f}")
+        cells = [f"{1000 * r['cpu_s'][k] / r['steps']:7.1f} ms {r['over_replay_cpu'][k]:4.2f}x ({r['over_replay_wall'][k]:4.2f})"
+                 for k in COST_KINDS[1:]]
+        lines.append(f"{name:42s} | {1000 * r['cpu_s']['replay'] / r['steps']:9.1f} | " + " | ".join(f"{c:>22s}" for c in cells))
     log("\n".join(lines), QUIET)
     return lines
 
@@ -499,19 +507,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=800, help="adaptation steps on the transfer scene")
     parser.add_argument("--transfer-mem", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7, help="timing repetitions")
+    parser.add_argument("--cost-steps", type=int, default=200, help="timed steps per repetition (MLP; resnet: a tenth)")
     parser.add_argument("--comparisons", type=int, nargs="+", default=[5, 10, 50])
     parser.add_argument("--parts", nargs="+", default=["split", "transfer", "cost", "insertion", "stale"],
                         choices=["split", "transfer", "cost", "insertion", "stale"])
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gradient_mixing[_quick].json)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    args.cost_models = [(256, 1), (1024, 2)]
+    args.cost_models = [(name, steps) for name, steps in zip(COST_MODELS, (args.cost_steps, max(4, args.cost_steps // 10)))]
     global EPOCHS, QUIET
     QUIET = args.quiet
     if args.quick:
         EPOCHS = 3
         args.seeds, args.mems, args.shots, args.steps, args.repeats = [0], [200], [10], 100, 2
-        args.comparisons, args.cost_models = [10], [(256, 1)]
+        args.comparisons, args.cost_models = [10], [(next(iter(COST_MODELS)), 20)]
     torch.set_num_threads(1)
     _hide_avalanche_warnings()
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (

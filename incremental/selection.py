@@ -45,8 +45,9 @@ def herding_order(features: torch.Tensor, k: int) -> torch.Tensor:
 
     Rows are L2-normalised; step ``j`` picks the unchosen row that brings the mean of the ``j + 1``
     chosen rows closest to the mean ``mu`` of all rows: ``argmin_i |mu - (S + f_i) / (j + 1)|`` with
-    ``S`` the sum of the rows chosen so far. Why: the kept samples then summarise the class as a whole
-    (its mean feature) instead of whatever a random draw hit; and a prefix of the order is itself a good
+    ``S`` the sum of the rows chosen so far. With unit rows that is ``argmax_i f_i . ((j + 1) mu - S)``,
+    one matrix-vector product per step. Why: the kept samples then summarise the class as a whole (its
+    mean feature) instead of whatever a random draw hit; and a prefix of the order is itself a good
     summary, so shrinking a class's share keeps a prefix.
     """
     if features.dim() != 2:
@@ -55,15 +56,15 @@ def herding_order(features: torch.Tensor, k: int) -> torch.Tensor:
     k = min(int(k), n)
     f = F.normalize(features.double(), dim=1)
     mu = f.mean(dim=0)
-    chosen = torch.zeros(n, dtype=torch.bool)
+    available = torch.ones(n, dtype=torch.bool)
     order = []
     running = torch.zeros_like(mu)
     for j in range(k):
-        dist = ((mu - (running + f) / (j + 1)) ** 2).sum(dim=1)
-        dist[chosen] = float("inf")
-        i = int(dist.argmin())
+        score = f @ ((j + 1) * mu - running)
+        score[~available] = -float("inf")
+        i = int(score.argmax())
         order.append(i)
-        chosen[i] = True
+        available[i] = False
         running += f[i]
     return torch.tensor(order, dtype=torch.long)
 

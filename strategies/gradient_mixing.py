@@ -24,13 +24,15 @@ from incremental.flat_gradients import (
 )
 from incremental.plugins import Plugin
 from incremental.selection import GradientDiversityPolicy, per_sample_gradients
+from .logit_memory import LogitMemory
 from .mixing_rules import (
-    DEFAULT_RULE, RULES, TRANSFER_LOSSES, AsymmetricCrossEntropy, Geometry, combine, gram_matrix, mix,
+    DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, AsymmetricCrossEntropy, Geometry, combine, gram_matrix,
+    logit_replay_loss, mix,
 )
 from .mixing_stats import STAT_NAMES, plot_stats, summarize_stats
 
 #: What the plugin's own library keeps when none is named (chosen by measurement, docs/gradient_mixing.md).
-DEFAULT_POLICY = "reservoir"
+DEFAULT_POLICY = "herding"
 #: ``fused``: one forward over the joint minibatch, one batched backward for both gradients;
 #: ``two_pass``: the loop's own forward/backward for g_t, one more over the history batch for g_h;
 #: ``auto``: fused on CUDA, two passes on CPU (the faster one there, docs/gradient_mixing.md).
@@ -65,7 +67,8 @@ class GradientMixingPlugin(Plugin):
 
     def __init__(self, rule: str = DEFAULT_RULE, *, mem_size: int = 200,
                  storage_policy: str | StoragePolicy = DEFAULT_POLICY, history_batch_size: int | None = None,
-                 seed: int | None = None, gradient_pass: str = "auto", record_stats: bool = True) -> None:
+                 seed: int | None = None, gradient_pass: str = "auto", logit_weight: float = 0.3,
+                 record_stats: bool = True) -> None:
         super().__init__()
         check(isinstance(rule, str) and rule in RULES, "rule",
               f"unknown gradient mixing rule {rule!r}; known: {', '.join(RULES)}")
@@ -77,8 +80,12 @@ class GradientMixingPlugin(Plugin):
         check(seed is None or _is_int(seed), "seed", f"must be None or an integer, got {seed!r}")
         check(gradient_pass in GRADIENT_PASSES, "gradient_pass",
               f"must be one of {', '.join(GRADIENT_PASSES)}, got {gradient_pass!r}")
+        check(isinstance(logit_weight, numbers.Real) and logit_weight >= 0, "logit_weight",
+              f"must be a number >= 0, got {logit_weight!r}")
         self.rule_name, self.rule = rule, RULES[rule]
         self.ace = TRANSFER_LOSSES[rule] == "ace"
+        self.logits = LogitMemory() if HISTORY_LOSSES[rule] == "der" else None
+        self.logit_weight = float(logit_weight)
         self.mem_size, self.storage_policy, self.history_batch_size = int(mem_size), storage_policy, history_batch_size
         self.seed, self.gradient_pass, self.record_stats = seed, gradient_pass, record_stats
         self.library: HistoryLibrary | None = None  # our own, only when the loop has none
@@ -113,6 +120,8 @@ class GradientMixingPlugin(Plugin):
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._params_cache = None
+        if self.logits is not None:
+            self.logits.ensure(self._library(strategy), strategy.model, strategy.device)
         if self._loop_has_history(strategy):
             self._own_iter = None
             return
@@ -123,6 +132,11 @@ class GradientMixingPlugin(Plugin):
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         if not self._loop_has_history(strategy):
             self._own_library(strategy).update(strategy.experience.dataset, strategy=strategy)
+        if self.logits is not None:  # DER: logits of the samples that came in, by the model that learned them
+            self.logits.refresh(self._library(strategy), strategy.model, strategy.device)
+
+    def _library(self, strategy: Any) -> HistoryLibrary:
+        return strategy.history if self._loop_has_history(strategy) else self._own_library(strategy)
 
     def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
         self._params_cache = None  # heads may have grown / parameters been frozen between epochs
@@ -134,6 +148,10 @@ class GradientMixingPlugin(Plugin):
         else:
             batch = move_to(next(self._own_iter), strategy.device) if self._own_iter is not None else None
         self.last_history_batch = batch
+        if batch is not None and self.logits is not None:
+            idx = self._library(strategy).last_indices
+            self._stored_logits = self.logits.targets(strategy.sharder.shard(idx) if self._sharded(strategy) else idx,
+                                                      strategy.device)
         self._fused = batch is not None and self._use_fused(strategy, batch)
         if self._fused:
             self._transfer_batch = strategy.mbatch
@@ -224,6 +242,8 @@ class GradientMixingPlugin(Plugin):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 strategy.mb_output = strategy.forward() if output is None else output
                 loss = _scalar(strategy.criterion())
+                if self.logits is not None:
+                    loss = loss + self.logit_weight * logit_replay_loss(strategy.mb_output, self._stored_logits)
         finally:
             strategy.mbatch, strategy.mb_output = saved
         if self._sharded(strategy):  # same re-weighting the loop applies to its own loss for uneven shards
@@ -279,11 +299,14 @@ class GradientMixingPlugin(Plugin):
         return plot_stats(self.stats, out_dir, prefix, self.rule_name)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"library": None if self.library is None else self.library.state_dict()}
+        return {"library": None if self.library is None else self.library.state_dict(),
+                "logits": None if self.logits is None else self.logits.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("library") is not None:
             self._own_library().load_state_dict(state["library"])
+        if self.logits is not None and state.get("logits") is not None:
+            self.logits.load_state_dict(state["logits"])
 
 
 def _is_int(value: Any) -> bool:

@@ -152,19 +152,26 @@ WEIGHTS: dict[str, WeightRule] = {
     "mega": weights_mega,
 }
 
-#: Suffix of the rules whose transfer gradient comes from the asymmetric cross-entropy.
-ACE_SUFFIX = "_ace"
+#: Suffixes of the combined rules: ``_ace`` takes the transfer gradient from ER-ACE's asymmetric
+#: cross-entropy, ``_der`` adds DER's logit replay to the history loss.
+ACE_SUFFIX, DER_SUFFIX = "_ace", "_der"
 
-#: Rules by the name used in configs (``strategy.rule``): every weight function alone, and every weight
-#: function with ER-ACE's asymmetric transfer loss (``<weights>_ace``).
-RULES: dict[str, WeightRule] = {**WEIGHTS, **{name + ACE_SUFFIX: fn for name, fn in WEIGHTS.items()}}
+#: Rules by the name used in configs (``strategy.rule``): every weight function alone and combined with
+#: the asymmetric transfer loss, the logit-replay history loss, or both (``<weights>[_ace][_der]``).
+RULES: dict[str, WeightRule] = {name + ace + der: fn for name, fn in WEIGHTS.items()
+                                for ace in ("", ACE_SUFFIX) for der in ("", DER_SUFFIX)}
 
 #: Which loss each rule takes the transfer gradient from: the loop's own (``"criterion"``, regularisers of
 #: other plugins included) or the asymmetric cross-entropy (``"ace"``).
-TRANSFER_LOSSES: dict[str, str] = {name: "ace" if name.endswith(ACE_SUFFIX) else "criterion" for name in RULES}
+TRANSFER_LOSSES: dict[str, str] = {name: "ace" if ACE_SUFFIX in name else "criterion" for name in RULES}
 
-#: The rule used when none is named; chosen by measurement (docs/gradient_mixing.md).
-DEFAULT_RULE = "similarity"
+#: Which loss each rule takes the history gradient from: the loop's criterion, or the criterion plus
+#: ``logit_weight`` times the logit replay loss (``"der"``).
+HISTORY_LOSSES: dict[str, str] = {name: "der" if name.endswith(DER_SUFFIX) else "criterion" for name in RULES}
+
+#: The rule used when none is named; chosen by measurement (docs/gradient_mixing.md): the similarity weights
+#: with DER's logit replay in the history loss.
+DEFAULT_RULE = "similarity_der"
 
 
 def get_rule(name: str) -> WeightRule:
@@ -187,6 +194,18 @@ def asymmetric_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tor
         raise ValueError(f"expected (N, C) logits and (N,) targets, got {tuple(logits.shape)} and {tuple(targets.shape)}")
     present = torch.unique(targets)  # sorted
     return F.cross_entropy(logits[:, present], torch.searchsorted(present, targets))
+
+
+def logit_replay_loss(logits: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """DER's term: mean squared difference between the logits and the logits stored with the samples.
+
+    Over the stored columns only (a head that grew since has more; its new rows have nothing to match).
+    Why: matching the old logits replays the old function (how sure it was, and of what), which keeps
+    more of it than the label alone does, at the cost of one stored vector per sample.
+    """
+    if logits.dim() != 2 or stored.dim() != 2 or len(logits) != len(stored):
+        raise ValueError(f"expected (N, C) logits and (N, K) stored logits, got {tuple(logits.shape)} and {tuple(stored.shape)}")
+    return F.mse_loss(logits[:, : stored.shape[1]], stored)
 
 
 class AsymmetricCrossEntropy(torch.nn.Module):

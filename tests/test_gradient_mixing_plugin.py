@@ -26,7 +26,9 @@ from incremental.trainer import Trainer
 from incremental.flat_gradients import flatten_grads
 from incremental.selection import GradientDiversityPolicy, _loop_sample_gradients, per_sample_gradients
 from strategies.gradient_mixing import GradientMixingPlugin
-from strategies.mixing_rules import RULES, TRANSFER_LOSSES, asymmetric_cross_entropy, mix
+from strategies.mixing_rules import (
+    DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, WEIGHTS, asymmetric_cross_entropy, logit_replay_loss, mix,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +67,9 @@ class Probe(Plugin):
         else:
             history = self.mixing.last_history_batch
         history = None if history is None else [t.clone() for t in history[:2]]
+        stored = getattr(self.mixing, "_stored_logits", None) if self.mixing is not None and self.mixing.logits else None
+        if history is not None and stored is not None:
+            history.append((stored.clone(), self.mixing.logit_weight))
         self.records.append((self._model, self._batch, history, grads))
 
 
@@ -77,7 +82,11 @@ def independent_gradient(model: nn.Module, batch: list[torch.Tensor], history: A
     g_t = flatten_grads(torch.autograd.grad(loss_t, params, allow_unused=True), params)
     if history is None:
         return g_t
-    loss_h = ce(model(history[0]), history[1])
+    out_h = model(history[0])
+    loss_h = ce(out_h, history[1])
+    if HISTORY_LOSSES[rule] == "der":  # DER: plus the weighted logit replay term on the stored logits
+        stored, weight = history[2]
+        loss_h = loss_h + weight * logit_replay_loss(out_h, stored)
     g_h = flatten_grads(torch.autograd.grad(loss_h, params, allow_unused=True), params)
     return mix(rule, g_h, g_t, loss_h, loss_t).grad
 
@@ -109,8 +118,11 @@ def our_trainer(model: nn.Module, plugins: list[Any], mem: int = 60, **kwargs: A
 
 # ---------------------------------------------------------------- exactness / no stale gradient
 
-@pytest.mark.parametrize("gradient_pass", ["two_pass", "fused"])
-@pytest.mark.parametrize("rule", sorted(RULES))
+EXACTNESS_CASES = [(rule, "two_pass") for rule in sorted(RULES)] + \
+    [(rule, "fused") for rule in [*sorted(WEIGHTS), "similarity_ace", "similarity_der", "pcgrad_ace_der"]]
+
+
+@pytest.mark.parametrize("rule,gradient_pass", EXACTNESS_CASES)
 def test_grad_is_exactly_the_mixed_gradient_in_our_loop(digits, rule: str, gradient_pass: str) -> None:
     # two passes: bit for bit; one fused pass (joint forward, batched backward): the same to 1e-6
     torch.manual_seed(0)
@@ -134,7 +146,7 @@ def test_grad_is_exact_when_the_head_grows(digits) -> None:
     probe = Probe(plugin)
     our_trainer(model, [plugin, probe]).train(digits.train_stream[:2])
     assert model.classifier.n_classes == 4
-    stale, mixed = count_stale(probe, "similarity")
+    stale, mixed = count_stale(probe, DEFAULT_RULE)
     assert mixed > 0 and stale == 0
 
 
@@ -178,7 +190,7 @@ def test_empty_library_leaves_the_loop_gradient_alone(digits) -> None:
     plugin = GradientMixingPlugin()
     probe = Probe(plugin)
     our_trainer(model, [plugin, probe]).train(digits.train_stream[0])
-    assert count_stale(probe, "similarity") == (0, 0)
+    assert count_stale(probe, DEFAULT_RULE) == (0, 0)
     assert plugin.stats == {}
 
 
@@ -203,7 +215,7 @@ def test_parameters_without_gradient_stay_without_gradient(digits) -> None:
     our_trainer(model, [plugin, probe], optimizer=opt).train(digits.train_stream[:2])
     assert model.unused.grad is None and torch.equal(model.unused.detach(), torch.ones(3))
     assert model.frozen.grad is None
-    stale, mixed = count_stale(probe, "similarity")
+    stale, mixed = count_stale(probe, DEFAULT_RULE)
     assert mixed > 0 and stale == 0
 
 

@@ -44,8 +44,9 @@ class StrategyConfig:
     mem_size: int = 200
     storage_policy: str | None = None  # None: the strategy's own default (replay: reservoir)
     history_batch_size: int | None = None
-    rule: str = "similarity"
+    rule: str | None = None  # None: the plugin's default (strategies.mixing_rules.DEFAULT_RULE)
     gradient_pass: Literal["auto", "fused", "two_pass"] = "auto"
+    logit_weight: float = 0.3  # gradient mixing *_der rules: weight of the logit replay term
     max_comparisons: int = 10
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
@@ -59,6 +60,10 @@ class StrategyConfig:
               f"unknown policy {self.storage_policy!r}; known: {', '.join(sorted(STORAGE_POLICIES))}")
         if self.history_batch_size is not None:
             check(self.history_batch_size > 0, "strategy.history_batch_size", "must be > 0")
+        if self.name == "gradient_mixing" and self.rule is not None:
+            from strategies.mixing_rules import RULES
+
+            check(self.rule in RULES, "strategy.rule", f"unknown rule {self.rule!r}; known: {', '.join(RULES)}")
 
 
 @dataclass
@@ -118,7 +123,10 @@ def build_strategy(cfg: StrategyConfig, seed: int) -> tuple[list[Any], HistoryLi
     if cfg.name == "gradient_mixing":
         from strategies.gradient_mixing import GradientMixingPlugin
 
-        plugins.append(GradientMixingPlugin(rule=cfg.rule, gradient_pass=cfg.gradient_pass, seed=seed))
+        from strategies.mixing_rules import DEFAULT_RULE
+
+        plugins.append(GradientMixingPlugin(rule=cfg.rule or DEFAULT_RULE, gradient_pass=cfg.gradient_pass, seed=seed,
+                                            logit_weight=cfg.logit_weight))
     elif cfg.name == "lwf":
         from avalanche.training.plugins import LwFPlugin
 

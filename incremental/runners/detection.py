@@ -186,7 +186,7 @@ class Config:
     def validate(self) -> None:
         if self.strategy.name == "gradient_mixing":
             try:
-                from strategies.gradient_mixing import RULES
+                from strategies.mixing_rules import WEIGHTS as RULES  # the combined *_ace/*_der rules are for classifiers
             except ImportError:  # pragma: no cover - the strategy ships with the package
                 raise ConfigError("strategy.name", "gradient_mixing is not available in this version") from None
             check(self.strategy.rule in RULES, "strategy.rule",

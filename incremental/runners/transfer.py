@@ -1,4 +1,4 @@
-"""Transfer runs on digits (``scenario.name: digits_transfer``): train the meta model, then adapt it.
+"""Transfer runs (``scenario.name``: ``digits_transfer``, ``fashion_transfer``): train the meta model, then adapt it.
 
 Step 0 trains the meta model on the general scene (the history library, if the strategy has one, is
 filled from it at the end of that step, by the configured storage policy). Step 1 adapts the model on the
@@ -25,6 +25,7 @@ from ..metrics import format_matrix, summarize
 from ..models import build_model
 from ..plots import bar_chart
 from ..scenarios.digits_transfer import GENERAL, TRANSFER, digits_transfer
+from ..scenarios.fashion_transfer import fashion_transfer
 from ..trainer import Trainer, seed_everything
 from .classification import ModelConfig, StrategyConfig, TrainConfig, build_strategy, make_optimizer, model_kwargs
 
@@ -32,20 +33,27 @@ from .classification import ModelConfig, StrategyConfig, TrainConfig, build_stra
 TRANSFER_STRATEGIES = ("naive", "replay", "gradient_mixing", "lwf", "ewc")
 
 
+#: Transfer scenarios by ``scenario.name``.
+SCENARIOS = ("digits_transfer", "fashion_transfer")
+
+
 @dataclass
 class TransferScenarioConfig:
     name: str = "digits_transfer"
     shots: int = 10
-    test_fraction: float = 0.3
+    test_fraction: float = 0.3  # digits_transfer: held-out share of load_digits
     invert: bool = True
     rotation: float = 90.0
     noise_std: float = 0.2
+    blur_sigma: float = 0.0  # fashion_transfer: Gaussian blur of the transfer scene, in pixels
+    root: str | None = None  # fashion_transfer: folder of the IDX files (default: Debian's)
 
     def validate(self) -> None:
         # 1797 digits, ~180 per class; the smallest class has >= 120 training images at test_fraction 0.3.
         check(1 <= self.shots <= 100, "scenario.shots", f"must be between 1 and 100 images per class, got {self.shots}")
         check(0.0 < self.test_fraction < 1.0, "scenario.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         check(self.noise_std >= 0.0, "scenario.noise_std", f"must be >= 0, got {self.noise_std}")
+        check(self.blur_sigma >= 0.0, "scenario.blur_sigma", f"must be >= 0, got {self.blur_sigma}")
 
 
 @dataclass
@@ -72,7 +80,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
-        check(self.scenario.name == "digits_transfer", "scenario.name", "this runner handles digits_transfer")
+        check(self.scenario.name in SCENARIOS, "scenario.name", f"this runner handles {', '.join(SCENARIOS)}")
         check(self.strategy.name in TRANSFER_STRATEGIES, "strategy.name",
               f"{self.strategy.name!r} is not a transfer strategy; use one of {', '.join(TRANSFER_STRATEGIES)}")
         check(not self.model.growing_head, "model.growing_head", "both scenes have all 10 classes; use a fixed head")
@@ -90,11 +98,16 @@ class TransferRun:
         seed_everything(cfg.seed)
         s = cfg.scenario
         try:
-            self.scenario = digits_transfer(s.shots, test_fraction=s.test_fraction, invert=s.invert,
-                                            rotation=s.rotation, noise_std=s.noise_std, seed=cfg.seed)
+            if s.name == "fashion_transfer":
+                self.scenario = fashion_transfer(s.shots, root=s.root, invert=s.invert, rotation=s.rotation,
+                                                 blur_sigma=s.blur_sigma, noise_std=s.noise_std, seed=cfg.seed)
+            else:
+                self.scenario = digits_transfer(s.shots, test_fraction=s.test_fraction, invert=s.invert,
+                                                rotation=s.rotation, noise_std=s.noise_std, seed=cfg.seed)
         except ValueError as exc:  # e.g. more shots than a class has training images
             raise ConfigError("scenario.shots", str(exc)) from None
-        self.model = build_model(cfg.model.name, **model_kwargs(cfg.model, self.scenario.n_classes))
+        self.model = build_model(cfg.model.name, **model_kwargs(cfg.model, self.scenario.n_classes,
+                                                                self.scenario.input_shape))
         self.plugins, history = build_strategy(cfg.strategy, cfg.seed)
         g = cfg.general
         general_opt = make_optimizer(dataclasses.replace(cfg.train, lr=g.lr), self.model)
