@@ -57,8 +57,8 @@ from incremental.scenarios.digits import split_digits  # noqa: E402
 from incremental.trainer import Trainer  # noqa: E402
 from incremental.flat_gradients import flatten_grads  # noqa: E402
 from incremental.selection import GradientDiversityPolicy  # noqa: E402
-from strategies.gradient_mixing import GradientMixingPlugin  # noqa: E402
-from strategies.mixing_rules import RULES, mix  # noqa: E402
+from strategies.gradient_mixing import DEFAULT_POLICY, GradientMixingPlugin  # noqa: E402
+from strategies.mixing_rules import DEFAULT_RULE, WEIGHTS, mix  # noqa: E402
 
 EPOCHS, BATCH, LR = 10, 32, 0.1  # the project's Split Digits configs (trained to convergence)
 QUIET = False  # --quiet: no progress lines and no tables on stdout (the JSON has the tables)
@@ -74,7 +74,7 @@ def log(msg: str, quiet: bool) -> None:
 # 1. Split Digits
 # ==================================================================================================
 
-def ours_split(name: str, seed: int, mem: int, rule: str = "similarity", policy: str = "reservoir",
+def ours_split(name: str, seed: int, mem: int, rule: str | None = None, policy: str | None = None,
                lr: float | None = None, epochs: int | None = None) -> dict[str, Any]:
     from incremental.runners.classification import ClassificationRun, Config
 
@@ -152,21 +152,21 @@ def split_digits_part(args: argparse.Namespace) -> dict[str, Any]:
             {"average_accuracy": m["average_accuracy"], "forgetting": m["forgetting"], "time_s": out["time_s"],
              "accuracy_matrix": out["R"]})
 
-    rules = list(RULES)
+    gm = [(f"ours gradient mixing: {rule} + reservoir", rule, "reservoir") for rule in WEIGHTS]
+    gm += [(f"ours gradient mixing: {DEFAULT_RULE} + {DEFAULT_POLICY} (default)", None, None)]
+    gm += [(f"ours gradient mixing: {rule} + {policy}", rule, policy) for rule, policy in (
+        ("similarity_der", "reservoir"), ("similarity_der", "class_balanced"), ("similarity_der", "gradient_diversity"),
+        ("similarity", "herding"), ("similarity_ace", "herding"), ("sum_der", "herding"), ("pcgrad_der", "herding"))]
     for seed in args.seeds:
         naive, av_naive = ours_split("naive", seed, 200), avalanche_split("Naive", seed, 200)  # no memory
         for mem in args.mems:
             add("ours naive (fine-tune)", mem, naive)
             add("avalanche Naive", mem, av_naive)
             add("ours replay", mem, ours_split("replay", seed, mem))
-            for rule in rules:
-                add(f"ours gradient mixing: {rule}", mem, ours_split("gradient_mixing", seed, mem, rule=rule))
-            add("ours gradient mixing: similarity + gradient_diversity library", mem,
-                ours_split("gradient_mixing", seed, mem, policy="gradient_diversity"))
-            add("ours gradient mixing: similarity + class_balanced library", mem,
-                ours_split("gradient_mixing", seed, mem, policy="class_balanced"))
+            for label, rule, policy in gm:
+                add(label, mem, ours_split("gradient_mixing", seed, mem, rule=rule, policy=policy))
             add("control: ours replay at lr x2", mem, ours_split("replay", seed, mem, lr=2 * LR))
-            add("control: ours similarity at lr /2", mem, ours_split("gradient_mixing", seed, mem, lr=LR / 2))
+            add("control: ours default gradient mixing at lr /2", mem, ours_split("gradient_mixing", seed, mem, lr=LR / 2))
             for name in ("Replay", "AGEM", "GSS_greedy", "ER_ACE", "DER"):
                 add(f"avalanche {name}", mem, avalanche_split(name, seed, mem))
             log(f"  split digits seed {seed} mem {mem} done", args.quiet)
@@ -209,46 +209,86 @@ def print_split_table(table: dict[str, Any], mems: Sequence[int]) -> list[str]:
 
 
 # ==================================================================================================
-# 2. digits_transfer
+# 2. Transfer: digits_transfer and fashion_transfer
 # ==================================================================================================
 
-def transfer_run(name: str, seed: int, shots: int, mem: int, steps: int, rule: str = "similarity") -> dict[str, Any]:
+#: Per scenario: meta-model training, adaptation learning rate, model (the shipped configs' settings).
+TRANSFER_SETTINGS: dict[str, dict[str, Any]] = {
+    "digits_transfer": {"general": {"epochs": 10, "batch_size": BATCH, "lr": 0.1}, "lr": 0.1,
+                        "model": {"name": "mlp", "hidden_size": 256}, "n": 10},
+    "fashion_transfer": {"general": {"epochs": 2, "batch_size": BATCH, "lr": 0.05}, "lr": 0.05,
+                         "model": {"name": "mlp", "hidden_size": 256, "hidden_layers": 2}, "n": 10},
+}
+
+
+def transfer_plan(scenario: str, shots: int) -> list[tuple[str, dict[str, Any]]]:
+    """(label, strategy section) in run order; the first one (fine-tuning) trains the meta model."""
+    plan: list[tuple[str, dict[str, Any]]] = [
+        ("fine-tune (naive)", {"name": "naive"}),
+        ("replay", {"name": "replay"}),
+        (f"gradient mixing: {DEFAULT_RULE} + {DEFAULT_POLICY} (default)", {"name": "gradient_mixing"}),
+        ("gradient mixing: similarity + reservoir (before)",
+         {"name": "gradient_mixing", "rule": "similarity", "storage_policy": "reservoir"}),
+    ]
+    if scenario == "digits_transfer":
+        plan += [(f"gradient mixing: {rule} + {DEFAULT_POLICY}", {"name": "gradient_mixing", "rule": rule})
+                 for rule in ("sum_der", "pcgrad_der", "mega_der", "agem")]
+        if shots == 10:
+            plan.append(("ceiling: default, the whole general training set as history",
+                         {"name": "gradient_mixing", "mem_size": 2000}))
+    return plan
+
+
+def transfer_seed(scenario: str, seed: int, shots: int, mem: int, steps: int) -> dict[str, dict[str, Any]]:
+    """Every strategy of the plan adapted from one meta model.
+
+    The meta-training step is the same for every strategy (no history exists during it), so it runs once:
+    the other runs start from its trainer state and fill their library from the general scene with their
+    own policy, which is what their own step 0 would have ended with. Adaptation is ``TransferRun.step(1)``,
+    the code ``incremental run`` executes.
+    """
+    import copy
+
     from incremental.runners.transfer import Config, TransferRun
 
-    per_epoch = math.ceil(10 * shots / BATCH)
-    cfg = from_dict(Config, {
-        "seed": seed, "scenario": {"name": "digits_transfer", "shots": shots},
-        "general": {"epochs": 10, "batch_size": BATCH, "lr": 0.1},
-        "strategy": {"name": name, "mem_size": mem, "rule": rule},
-        "train": {"epochs": math.ceil(steps / per_epoch), "batch_size": BATCH, "lr": 0.1, "threads": 1},
-        "model": {"name": "mlp", "hidden_size": 256},
-    })
-    runner = TransferRun(cfg)
-    runner.step(0)
-    start = time.perf_counter()
-    runner.step(1)
-    res = runner.results()
-    return {"general_before": res["general_accuracy"]["before"], "general_after": res["general_accuracy"]["after"],
-            "transfer_before": res["transfer_accuracy"]["before"], "transfer_after": res["transfer_accuracy"]["after"],
-            "adapt_time_s": time.perf_counter() - start}
+    settings = TRANSFER_SETTINGS[scenario]
+    per_epoch = math.ceil(settings["n"] * shots / BATCH)
+    meta: tuple[dict[str, Any], list[list[float]], list[float]] | None = None
+    out = {}
+    for label, strategy in transfer_plan(scenario, shots):
+        cfg = from_dict(Config, {
+            "seed": seed, "scenario": {"name": scenario, "shots": shots}, "general": settings["general"],
+            "strategy": {"mem_size": mem, **strategy},
+            "train": {"epochs": math.ceil(steps / per_epoch), "batch_size": BATCH, "lr": settings["lr"], "threads": 1},
+            "model": settings["model"],
+        })
+        runner = TransferRun(cfg)
+        if meta is None:
+            runner.step(0)
+            meta = (copy.deepcopy(runner.trainer.state_dict()), list(runner.accuracy_matrix), list(runner.step_time_s))
+        else:
+            runner.trainer.load_state_dict(copy.deepcopy(meta[0]))
+            if runner.trainer.history is not None:  # what the loop does at the end of step 0
+                runner.trainer.history.update(runner.scenario.general_train.dataset, strategy=runner.trainer)
+            runner.accuracy_matrix, runner.step_time_s = [list(r) for r in meta[1]], list(meta[2])
+        start = time.perf_counter()
+        runner.step(1)
+        res = runner.results()
+        out[label] = {"general_before": res["general_accuracy"]["before"], "general_after": res["general_accuracy"]["after"],
+                      "transfer_before": res["transfer_accuracy"]["before"],
+                      "transfer_after": res["transfer_accuracy"]["after"], "adapt_time_s": time.perf_counter() - start}
+    return out
 
 
-def transfer_part(args: argparse.Namespace) -> dict[str, Any]:
-    strategies: list[tuple[str, str, str, int | None]] = [("fine-tune (naive)", "naive", "similarity", None),
-                                                          ("replay", "replay", "similarity", None)]
-    strategies += [(f"gradient mixing: {r}", "gradient_mixing", r, None) for r in RULES]
+def transfer_part(args: argparse.Namespace, scenario: str, shots_list: Sequence[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for shots in args.shots:
+    for shots in shots_list:
         rows: dict[str, list[dict[str, Any]]] = {}
-        plan = list(strategies)
-        if shots == 10:
-            plan.append(("ceiling: similarity, whole general set as history", "gradient_mixing", "similarity", 2000))
         for seed in args.seeds:
-            for label, name, rule, mem in plan:
-                rows.setdefault(label, []).append(
-                    transfer_run(name, seed, shots, mem or args.transfer_mem, args.steps, rule))
+            for label, r in transfer_seed(scenario, seed, shots, args.transfer_mem, args.steps).items():
+                rows.setdefault(label, []).append(r)
         out[str(shots)] = {label: _mean_rows(r) for label, r in rows.items()}
-        log(f"  digits_transfer shots {shots} done", args.quiet)
+        log(f"  {scenario} shots {shots} done", args.quiet)
     return out
 
 
@@ -261,14 +301,14 @@ def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return mean
 
 
-def print_transfer_table(out: dict[str, Any], steps: int, mem: int) -> list[str]:
-    lines = ["", f"digits_transfer (invert + rot90 + noise 0.2), memory {mem}, {steps} adaptation steps at lr 0.1; "
-                 "mean over seeds (points of accuracy)",
-             f"{'shots':>5s}  {'strategy':52s} | general before -> after (change) | transfer before -> after | adapt s"]
+def print_transfer_table(out: dict[str, Any], scenario: str, steps: int, mem: int) -> list[str]:
+    lr = TRANSFER_SETTINGS[scenario]["lr"]
+    lines = ["", f"{scenario}, memory {mem}, {steps} adaptation steps at lr {lr}; mean over seeds (points of accuracy)",
+             f"{'shots':>5s}  {'strategy':58s} | general before -> after (change) | transfer before -> after | adapt s"]
     for shots, rows in out.items():
         for label, r in rows.items():
             change = 100 * (r["general_after"] - r["general_before"])
-            lines.append(f"{shots:>5s}  {label:52s} | {100 * r['general_before']:5.1f} -> {100 * r['general_after']:5.1f}"
+            lines.append(f"{shots:>5s}  {label:58s} | {100 * r['general_before']:5.1f} -> {100 * r['general_after']:5.1f}"
                          f" ({change:+5.1f} +- {100 * r['general_change_std']:3.1f}) | {100 * r['transfer_before']:5.1f} -> "
                          f"{100 * r['transfer_after']:5.1f} +- {100 * r['transfer_after_std']:3.1f} | {r['adapt_time_s']:6.2f}")
     log("\n".join(lines), QUIET)
@@ -373,8 +413,8 @@ def insertion_part(args: argparse.Namespace) -> dict[str, Any]:
     digits = split_digits(N_EXP, seed=0)
     total = sum(len(e.dataset) for e in digits.train_stream)
     out = {}
-    policies: list[tuple[str, Callable[[], Any]]] = [("reservoir", lambda: "reservoir"),
-                                                     ("class_balanced", lambda: "class_balanced")]
+    policies: list[tuple[str, Callable[[], Any]]] = [(name, lambda name=name: name) for name in
+                                                     ("reservoir", "class_balanced", "herding", "loss_stratified")]
     policies += [(f"gradient_diversity, max_comparisons={k}", lambda k=k: GradientDiversityPolicy(max_comparisons=k))
                  for k in args.comparisons]
     for label, make in policies:
@@ -509,8 +549,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=7, help="timing repetitions")
     parser.add_argument("--cost-steps", type=int, default=200, help="timed steps per repetition (MLP; resnet: a tenth)")
     parser.add_argument("--comparisons", type=int, nargs="+", default=[5, 10, 50])
-    parser.add_argument("--parts", nargs="+", default=["split", "transfer", "cost", "insertion", "stale"],
-                        choices=["split", "transfer", "cost", "insertion", "stale"])
+    parts = ["split", "transfer", "fashion_transfer", "cost", "insertion", "stale"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
+    parser.add_argument("--fashion-shots", type=int, nargs="+", default=[10])
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gradient_mixing[_quick].json)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -533,8 +574,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["split_digits"] = split_digits_part(args)
         lines += print_split_table(results["split_digits"], args.mems)
     if "transfer" in args.parts:
-        results["digits_transfer"] = transfer_part(args)
-        lines += print_transfer_table(results["digits_transfer"], args.steps, args.transfer_mem)
+        results["digits_transfer"] = transfer_part(args, "digits_transfer", args.shots)
+        lines += print_transfer_table(results["digits_transfer"], "digits_transfer", args.steps, args.transfer_mem)
+    if "fashion_transfer" in args.parts:
+        results["fashion_transfer"] = transfer_part(args, "fashion_transfer", args.fashion_shots)
+        lines += print_transfer_table(results["fashion_transfer"], "fashion_transfer", args.steps, args.transfer_mem)
     if "cost" in args.parts:
         results["cost"] = cost_part(args)
         lines += print_cost_table(results["cost"])

@@ -513,3 +513,74 @@ def test_avalanche_example_runs_quick(tmp_path: Path) -> None:
     assert out["library_size"] == 50
     assert out["gradient_stats"][1]["iterations"] > 0
     assert (tmp_path / "gradient_mixing_exp1.png").is_file()
+
+
+# ---------------------------------------------------------------- options and the fused pass
+
+@pytest.mark.parametrize("options,name", [
+    ({"mem_size": -1}, "mem_size"), ({"mem_size": 2.5}, "mem_size"), ({"rule": "cosine"}, "rule"),
+    ({"storage_policy": "newest"}, "storage_policy"), ({"history_batch_size": 0}, "history_batch_size"),
+    ({"seed": "0"}, "seed"), ({"gradient_pass": "three"}, "gradient_pass"), ({"logit_weight": -0.1}, "logit_weight"),
+])
+def test_impossible_options_fail_at_once_naming_the_option(options: dict, name: str) -> None:
+    from incremental.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        GradientMixingPlugin(**options)
+    message = str(info.value)
+    assert message.startswith(f"{name}: ") and "\n" not in message
+
+
+def test_options_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        GradientMixingPlugin("similarity", 200)  # type: ignore[misc]
+
+
+class L2OnTheLoss(Plugin):
+    """A regulariser added to strategy.loss in before_backward, after the mixing plugin's own callback."""
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        strategy.loss = strategy.loss + 0.05 * sum((p ** 2).sum() for p in strategy.model.parameters())
+
+
+@pytest.mark.parametrize("rule", ["similarity", "pcgrad_der"])
+def test_fused_and_two_pass_train_the_same_model(digits, rule: str) -> None:
+    # Same mixed gradient to 1e-6 at every step (here: same weights after two experiences), including a
+    # regulariser another plugin adds after the fused backward ran (it reaches g_t through the loop's backward).
+    def train(gradient_pass: str) -> nn.Module:
+        torch.manual_seed(0)
+        model = MLP(64, 32, 10)
+        plugin = GradientMixingPlugin(rule=rule, gradient_pass=gradient_pass)
+        our_trainer(model, [plugin, L2OnTheLoss()]).train(digits.train_stream[:2])
+        assert len(plugin.stats[1]) > 10
+        return model
+
+    two, fused = train("two_pass"), train("fused")
+    for a, b in zip(two.parameters(), fused.parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_fused_pass_runs_one_forward_over_the_joint_batch(digits) -> None:
+    torch.manual_seed(0)
+    model = MLP(64, 32, 10)
+    forwards: list[int] = []
+    model.register_forward_hook(lambda m, args, out: forwards.append(len(args[0])))
+    steps: list[tuple[list[int], int, int]] = []  # (forwards in the step, transfer size the loop saw, history size)
+
+    class Spy(Plugin):
+        def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+            self.start = len(forwards)
+
+        def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+            self.seen = len(strategy.mb_output)
+
+        def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+            history = strategy.mb_history
+            steps.append((forwards[self.start:], self.seen, 0 if history is None else len(history[0])))
+
+    plugin = GradientMixingPlugin(gradient_pass="fused")
+    our_trainer(model, [Spy(), plugin]).train(digits.train_stream[:2])
+    mixed = [s for s in steps if s[2] > 0]
+    assert len(mixed) == len(plugin.stats[1]) > 10
+    for calls, seen, n_history in mixed:  # one forward over both batches; the loop's loss saw the new part only
+        assert len(calls) == 1 and calls[0] == seen + n_history and seen <= 16
