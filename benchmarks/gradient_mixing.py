@@ -212,13 +212,11 @@ def print_split_table(table: dict[str, Any], mems: Sequence[int]) -> list[str]:
 # 2. Transfer: digits_transfer and fashion_transfer
 # ==================================================================================================
 
-#: Per scenario: meta-model training, adaptation learning rate, model (the shipped configs' settings).
-TRANSFER_SETTINGS: dict[str, dict[str, Any]] = {
-    "digits_transfer": {"general": {"epochs": 10, "batch_size": BATCH, "lr": 0.1}, "lr": 0.1,
-                        "model": {"name": "mlp", "hidden_size": 256}, "n": 10},
-    "fashion_transfer": {"general": {"epochs": 2, "batch_size": BATCH, "lr": 0.05}, "lr": 0.05,
-                         "model": {"name": "mlp", "hidden_size": 256, "hidden_layers": 2}, "n": 10},
-}
+def transfer_config(scenario: str) -> dict[str, Any]:
+    """The shipped config of a transfer scenario (scene, meta-model training, model, adaptation lr)."""
+    from incremental.config import load_yaml
+
+    return load_yaml(ROOT / "configs" / f"{scenario}.yaml")
 
 
 def transfer_plan(scenario: str, shots: int) -> list[tuple[str, dict[str, Any]]]:
@@ -251,16 +249,15 @@ def transfer_seed(scenario: str, seed: int, shots: int, mem: int, steps: int) ->
 
     from incremental.runners.transfer import Config, TransferRun
 
-    settings = TRANSFER_SETTINGS[scenario]
-    per_epoch = math.ceil(settings["n"] * shots / BATCH)
+    shipped = transfer_config(scenario)
+    per_epoch = math.ceil(10 * shots / BATCH)  # both scenes have 10 classes
     meta: tuple[dict[str, Any], list[list[float]], list[float]] | None = None
     out = {}
     for label, strategy in transfer_plan(scenario, shots):
         cfg = from_dict(Config, {
-            "seed": seed, "scenario": {"name": scenario, "shots": shots}, "general": settings["general"],
+            **shipped, "seed": seed, "scenario": {**shipped["scenario"], "shots": shots},
             "strategy": {"mem_size": mem, **strategy},
-            "train": {"epochs": math.ceil(steps / per_epoch), "batch_size": BATCH, "lr": settings["lr"], "threads": 1},
-            "model": settings["model"],
+            "train": {**shipped["train"], "epochs": math.ceil(steps / per_epoch), "batch_size": BATCH, "threads": 1},
         })
         runner = TransferRun(cfg)
         if meta is None:
@@ -302,7 +299,7 @@ def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_transfer_table(out: dict[str, Any], scenario: str, steps: int, mem: int) -> list[str]:
-    lr = TRANSFER_SETTINGS[scenario]["lr"]
+    lr = transfer_config(scenario)["train"]["lr"]
     lines = ["", f"{scenario}, memory {mem}, {steps} adaptation steps at lr {lr}; mean over seeds (points of accuracy)",
              f"{'shots':>5s}  {'strategy':58s} | general before -> after (change) | transfer before -> after | adapt s"]
     for shots, rows in out.items():

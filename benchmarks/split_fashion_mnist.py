@@ -113,9 +113,10 @@ def ours(strategy: str, seed: int, epochs: int, mem: int, rule: str | None = Non
     runner = classification.ClassificationRun(cfg)
     if draw is not None and runner.trainer.history is not None:
         runner.trainer.history.generator.manual_seed(1_000 + draw)
+    cpu = time.process_time()
     for i in range(runner.n_experiences):
         runner.step(i)
-    return {"R": runner.accuracy_matrix, "time_s": runner.train_time_s}
+    return {"R": runner.accuracy_matrix, "time_s": runner.train_time_s, "cpu_s": time.process_time() - cpu}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,13 +155,13 @@ def avalanche(name: str, seed: int, epochs: int, mem: int) -> dict[str, Any]:
             "DER": lambda: DER(mem_size=mem, batch_size_mem=BATCH, **common),
         }[name]()
         R = []
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for exp in bench.train_stream:
             strategy.train(exp)
             metrics = strategy.eval(bench.test_stream)
             R.append([float(metrics[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{j:03d}"]) for j in range(N_EXP)])
-        elapsed = time.perf_counter() - start
-    return {"R": R, "time_s": elapsed}
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"R": R, "time_s": elapsed, "cpu_s": cpu}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def hand_written(seed: int, epochs: int, mem: int) -> dict[str, Any]:
     buf_x = torch.empty(0, *bench.input_shape)
     buf_y = torch.empty(0, dtype=torch.long)
     seen, R = 0, []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for exp in bench.train_stream:
         x, y = exp.dataset.x, exp.dataset.y
         n = len(x)
@@ -219,7 +220,7 @@ def hand_written(seed: int, epochs: int, mem: int) -> dict[str, Any]:
                 row.append(correct / len(tx))
         model.train()
         R.append(row)
-    return {"R": R, "time_s": time.perf_counter() - start}
+    return {"R": R, "time_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +288,7 @@ def run_grid(args: argparse.Namespace) -> None:
     for label, fn, seed, epochs, mem, draw in tqdm(jobs, desc="split fashion-mnist runs", disable=args.quiet):
         out = draws_run(label, seed, epochs, mem, draw) if draw is not None else fn(seed, epochs, mem)
         record = {"label": label, "seed": seed, "epochs": epochs, "mem": mem, "draw": draw, "time_s": out["time_s"],
-                  "accuracy_matrix": out["R"], **summarize(out["R"])}
+                  "cpu_s": out.get("cpu_s"), "accuracy_matrix": out["R"], **summarize(out["R"])}
         append_log(args.log, record)
         if not args.quiet:
             tqdm.write(f"{label:55s} seed {seed} epochs {epochs} mem {mem:3d} draw {draw}: "
@@ -301,6 +302,41 @@ def draws_run(label: str, seed: int, epochs: int, mem: int, draw: int) -> dict[s
         return ours("replay", seed, epochs, mem, draw=draw)
     rule, _, policy = label.removeprefix("ours gradient mixing: ").partition(" + ")
     return ours("gradient_mixing", seed, epochs, mem, rule=rule, policy=policy or None, draw=draw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loop overhead: this loop against the hand-written loops, interleaved
+# --------------------------------------------------------------------------------------------------
+
+TIMED = {
+    "ours naive": lambda e, m: ours("naive", 0, e, 0),
+    "hand-written naive": lambda e, m: hand_written(0, e, 0),
+    "ours replay": lambda e, m: ours("replay", 0, e, m),
+    "hand-written replay": lambda e, m: hand_written(0, e, m),
+    "avalanche Naive": lambda e, m: avalanche("Naive", 0, e, 0),
+}
+
+
+def timing(args: argparse.Namespace) -> dict[str, Any]:
+    """Train + eval time of the same runs repeated in turn (ours, hand-written, ..., ours, ...), so load
+    changes on a shared machine hit all alike; medians of CPU and wall time, and their ratios."""
+    benchmark(0)  # read the files before timing
+    for fn in TIMED.values():  # warm-up
+        fn(1, 200)
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in TIMED}
+    for _ in range(args.repeats):
+        for label, fn in TIMED.items():
+            out = fn(args.timing_epochs, 200)
+            runs[label].append((out["cpu_s"], out["time_s"]))
+    med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in runs.items()}
+    result = {"epochs": args.timing_epochs, "repeats": args.repeats, "median_cpu_s": {k: v[0] for k, v in med.items()},
+              "median_wall_s": {k: v[1] for k, v in med.items()}, "all": runs}
+    for kind in ("naive", "replay"):
+        ours_t, hand_t = med[f"ours {kind}"], med[f"hand-written {kind}"]
+        result[f"{kind}: ours / hand-written"] = {"cpu": ours_t[0] / hand_t[0], "wall": ours_t[1] / hand_t[1]}
+    result["ours naive / avalanche Naive"] = {"cpu": med["ours naive"][0] / med["avalanche Naive"][0],
+                                             "wall": med["ours naive"][1] / med["avalanche Naive"][1]}
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +397,26 @@ def format_table(t: dict[str, dict[str, Any]], epochs: int, mem: int) -> list[st
     return lines
 
 
+def markdown(tables: dict[str, dict[str, Any]], time_key: str) -> list[str]:
+    """One markdown table: a row per strategy, accuracy and forgetting per setting, time of ``time_key``."""
+    keys = list(tables)
+    labels = sorted({label for t in tables.values() for label in t},
+                    key=lambda l: -tables[keys[0]].get(l, {}).get("average_accuracy_mean", 0.0))
+    head = "| strategy | " + " | ".join(f"{k}: acc | fgt" for k in keys) + f" | time s ({time_key}) | / Av. Naive | / hand-written |"
+    lines = [head, "|---|" + "---:|---:|" * len(keys) + "---:|---:|---:|"]
+    for label in labels:
+        cells = []
+        for k in keys:
+            e = tables[k].get(label)
+            cells += ["" if e is None else f"{100 * e['average_accuracy_mean']:.1f} ± {100 * e['average_accuracy_std']:.1f}",
+                      "" if e is None else f"{100 * e['forgetting_mean']:.1f} ± {100 * e['forgetting_std']:.1f}"]
+        t = tables.get(time_key, {}).get(label, {})
+        timing = [f"{t['time_s_mean']:.1f}" if t else "", f"{t['time_over_avalanche_naive']:.2f}" if "time_over_avalanche_naive" in t else "",
+                  f"{t['time_over_hand_written']:.2f}" if "time_over_hand_written" in t else ""]
+        lines.append(f"| {label} | " + " | ".join(cells + timing) + " |")
+    return lines
+
+
 def plot(tables: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -395,13 +451,14 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         lines += ["", "library draws (same run seed, only the library's generator changes): accuracy points"]
         lines += [f"{k:90s} n={v['draws']} {100 * v['mean']:5.1f} ± {100 * v['std']:3.1f} "
                   f"[{100 * v['min']:5.1f}, {100 * v['max']:5.1f}]" for k, v in spread.items()]
+    md = markdown(tables, next(iter(tables))) if tables else []
     out = {"protocol": __doc__.split("\n\n")[1], "tables": tables, "library_draws": spread, "lines": lines,
-           "runs": records}
+           "markdown": md, "runs": records}
     write_json(args.out, out)
     if tables:
         plot(tables, args.out.with_name(args.out.stem + "_accuracy.png"))
     if not args.quiet:
-        print("\n".join(lines))
+        print("\n".join(lines + [""] + md))
     return out
 
 
@@ -418,6 +475,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS / "split_fashion_mnist.json")
     parser.add_argument("--report", action="store_true", help="only rebuild the tables from the log")
     parser.add_argument("--quick", action="store_true", help="seed 0, 1 epoch, memory 200, a separate log")
+    parser.add_argument("--timing", action="store_true",
+                        help="only the loop-overhead measurement (interleaved repeats), into --timing-out")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--timing-epochs", type=int, default=1)
+    parser.add_argument("--timing-out", type=Path, default=RESULTS / "split_fashion_mnist_timing.json")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -425,6 +487,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.log, args.out = RESULTS / "split_fashion_mnist_quick_runs.jsonl", RESULTS / "split_fashion_mnist_quick.json"
         args.skip = [*args.skip, "GSS_greedy", "cumulative", "joint"]
     torch.set_num_threads(1)
+    if args.timing:
+        result = timing(args)
+        write_json(args.timing_out, result)
+        if not args.quiet:
+            print(json.dumps({k: v for k, v in result.items() if k != "all"}, indent=1))
+        return result
     if not args.report:
         run_grid(args)
     return report(args)

@@ -44,7 +44,7 @@ class TransferScenarioConfig:
     test_fraction: float = 0.3  # digits_transfer: held-out share of load_digits
     invert: bool = True
     rotation: float = 90.0
-    noise_std: float = 0.2
+    noise_std: float | None = None  # None: 0.2 on digits_transfer, 0 on fashion_transfer
     blur_sigma: float = 0.0  # fashion_transfer: Gaussian blur of the transfer scene, in pixels
     root: str | None = None  # fashion_transfer: folder of the IDX files (default: Debian's)
 
@@ -52,6 +52,8 @@ class TransferScenarioConfig:
         # 1797 digits, ~180 per class; the smallest class has >= 120 training images at test_fraction 0.3.
         check(1 <= self.shots <= 100, "scenario.shots", f"must be between 1 and 100 images per class, got {self.shots}")
         check(0.0 < self.test_fraction < 1.0, "scenario.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        if self.noise_std is None:
+            self.noise_std = 0.2 if self.name == "digits_transfer" else 0.0
         check(self.noise_std >= 0.0, "scenario.noise_std", f"must be >= 0, got {self.noise_std}")
         check(self.blur_sigma >= 0.0, "scenario.blur_sigma", f"must be >= 0, got {self.blur_sigma}")
 
