@@ -45,6 +45,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from incremental.buffer import HistoryLibrary  # noqa: E402
 from incremental.config import from_dict  # noqa: E402
@@ -114,29 +115,19 @@ def accuracy_row(model: nn.Module, test_stream: Sequence[Any]) -> list[float]:
 
 
 def avalanche_split(name: str, seed: int, mem: int) -> dict[str, Any]:
-    from avalanche.training import AGEM, DER, ER_ACE, GSS_greedy, Naive, Replay
     from avalanche.training.plugins import EvaluationPlugin
+
+    from avalanche_baselines import avalanche_strategy
 
     bench, ours = avalanche_benchmark(seed)
     torch.manual_seed(seed)
     model = MLP(64, 256, 10)
-    common = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                  criterion=nn.CrossEntropyLoss(), train_mb_size=BATCH, train_epochs=EPOCHS, eval_mb_size=512,
-                  evaluator=EvaluationPlugin(loggers=[]))
+    strategy = avalanche_strategy(name, model, mem=mem, lr=LR, batch=BATCH, epochs=EPOCHS, eval_batch=512,
+                                  n_experiences=N_EXP, input_size=[64], evaluator=EvaluationPlugin(loggers=[]))
+    start = time.perf_counter()
+    R = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        strategy = {
-            "Naive": lambda: Naive(**common),
-            "Replay": lambda: Replay(mem_size=mem, **common),
-            # A-GEM's memory grows by patterns_per_exp per finished experience: with mem // 4 it holds
-            # mem samples while training the last experience, as the fixed-size memories do.
-            "AGEM": lambda: AGEM(patterns_per_exp=mem // (N_EXP - 1), sample_size=BATCH, **common),
-            "GSS_greedy": lambda: GSS_greedy(mem_size=mem, mem_strength=5, input_size=[64], **common),
-            "ER_ACE": lambda: ER_ACE(mem_size=mem, batch_size_mem=BATCH, **common),
-            "DER": lambda: DER(mem_size=mem, batch_size_mem=BATCH, **common),
-        }[name]()
-        start = time.perf_counter()
-        R = []
         for exp in bench.train_stream:
             strategy.train(exp)
             R.append(accuracy_row(model, ours.test_stream))

@@ -47,6 +47,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from incremental.config import from_dict  # noqa: E402
 from incremental.io import save_figure, write_json  # noqa: E402
@@ -136,32 +137,23 @@ def avalanche_benchmark(seed: int) -> Any:
 
 def avalanche(name: str, seed: int, epochs: int, mem: int) -> dict[str, Any]:
     from avalanche.evaluation.metrics import accuracy_metrics
-    from avalanche.training import AGEM, DER, ER_ACE, GSS_greedy, Naive, Replay
     from avalanche.training.plugins import EvaluationPlugin
 
+    from avalanche_baselines import avalanche_strategy
+
     bench = avalanche_benchmark(seed)
-    model = make_model(seed)
-    common = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), criterion=nn.CrossEntropyLoss(),
-                  train_mb_size=BATCH, train_epochs=epochs, eval_mb_size=EVAL_BATCH,
-                  evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]))
+    strategy = avalanche_strategy(name, make_model(seed), mem=mem, lr=LR, batch=BATCH, epochs=epochs,
+                                  eval_batch=EVAL_BATCH, n_experiences=N_EXP, input_size=[1, 28, 28],
+                                  evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]))
+    R = []
+    start, cpu = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        strategy = {
-            "Naive": lambda: Naive(**common),
-            "Replay": lambda: Replay(mem_size=mem, **common),
-            "AGEM": lambda: AGEM(patterns_per_exp=mem // (N_EXP - 1), sample_size=BATCH, **common),
-            "GSS_greedy": lambda: GSS_greedy(mem_size=mem, mem_strength=5, input_size=[1, 28, 28], **common),
-            "ER_ACE": lambda: ER_ACE(mem_size=mem, batch_size_mem=BATCH, **common),
-            "DER": lambda: DER(mem_size=mem, batch_size_mem=BATCH, **common),
-        }[name]()
-        R = []
-        start, cpu = time.perf_counter(), time.process_time()
         for exp in bench.train_stream:
             strategy.train(exp)
             metrics = strategy.eval(bench.test_stream)
             R.append([float(metrics[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{j:03d}"]) for j in range(N_EXP)])
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"R": R, "time_s": elapsed, "cpu_s": cpu}
+    return {"R": R, "time_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
 
 
 # --------------------------------------------------------------------------------------------------

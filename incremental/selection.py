@@ -184,8 +184,6 @@ def _loop_sample_gradients(strategy: Any, samples: Pool, idx: torch.Tensor,
     return torch.stack(rows) if references is None else torch.cat(rows)
 
 
-#: Most gradient rows (floats) the batched path holds at once: 64 M floats = 256 MB in float32.
-
 
 # --------------------------------------------------------------------------------------------------
 # Reading a pool through the model
@@ -271,19 +269,20 @@ def per_class_select(library: HistoryLibrary, pool: Pool,
 # --------------------------------------------------------------------------------------------------
 
 
-class HerdingPolicy:
-    """Class-balanced herding on the model's penultimate features (iCaRL's exemplar selection).
+class PerClassModelPolicy:
+    """An equal share per class (:func:`per_class_select`), chosen within a class by :meth:`choose` from
+    what the current model makes of the candidates. No state of its own: the choice depends on the model."""
 
-    Cost: one no-grad forward over the classes that got new samples, plus ``quota`` passes over each such
-    class's feature matrix. No random draw, so two runs that trained the same model keep the same samples.
-    """
+    name = "per_class"
 
-    name = "herding"
+    def choose(self, strategy: Any, pool: Pool, idx: torch.Tensor, k: int) -> torch.Tensor:
+        """Positions in ``idx`` of the ``k`` candidates to keep, in the order they should be kept."""
+        raise NotImplementedError
 
     def select(self, library: HistoryLibrary, pool: Pool, generator: torch.Generator, strategy: Any = None
                ) -> torch.Tensor:
         _need_model(strategy, self.name)
-        return per_class_select(library, pool, lambda idx, k: herding_order(pool_features(strategy, pool, idx), k))
+        return per_class_select(library, pool, lambda idx, k: self.choose(strategy, pool, idx, k))
 
     def state_dict(self) -> dict:
         return {}
@@ -292,7 +291,20 @@ class HerdingPolicy:
         pass
 
 
-class LossStratifiedPolicy:
+class HerdingPolicy(PerClassModelPolicy):
+    """Class-balanced herding on the model's penultimate features (iCaRL's exemplar selection).
+
+    Cost: one no-grad forward over the classes that got new samples, plus ``quota`` matrix-vector products
+    per such class. No random draw, so two runs that trained the same model keep the same samples.
+    """
+
+    name = "herding"
+
+    def choose(self, strategy: Any, pool: Pool, idx: torch.Tensor, k: int) -> torch.Tensor:
+        return herding_order(pool_features(strategy, pool, idx), k)
+
+
+class LossStratifiedPolicy(PerClassModelPolicy):
     """Class-balanced, within a class spread evenly over the ranking of per-sample loss (easy to hard).
 
     Cost: one no-grad forward over the classes that got new samples. Deterministic given the model.
@@ -300,16 +312,8 @@ class LossStratifiedPolicy:
 
     name = "loss_stratified"
 
-    def select(self, library: HistoryLibrary, pool: Pool, generator: torch.Generator, strategy: Any = None
-               ) -> torch.Tensor:
-        _need_model(strategy, self.name)
-        return per_class_select(library, pool, lambda idx, k: stratified_ranks(pool_losses(strategy, pool, idx), k))
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def choose(self, strategy: Any, pool: Pool, idx: torch.Tensor, k: int) -> torch.Tensor:
+        return stratified_ranks(pool_losses(strategy, pool, idx), k)
 
 
 #: Most gradient rows (floats) the batched path holds at once: 64 M floats = 256 MB in float32.
