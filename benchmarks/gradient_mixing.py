@@ -18,8 +18,8 @@ One process, one thread, everything side by side:
    history samples), on the experiences that have a history (1..4), interleaved repetitions, CPU time
    and wall time; plus the floor any implementation of the method pays (the extra forward/backward
    alone, no mixing), on the benchmark MLP and on a wider one.
-4. Insertion cost of the ``gradient_diversity`` library (samples/s) against reservoir and
-   class-balanced, for several ``max_comparisons``.
+4. Insertion cost of the library policies (samples/s): reservoir, class-balanced, herding,
+   loss-stratified.
 5. Stale gradients: steps whose gradient differs from the one the step should use, for Avalanche's
    GSS_greedy and for this plugin (our loop and Avalanche's Naive).
 
@@ -57,7 +57,6 @@ from incremental.plugins import Plugin  # noqa: E402
 from incremental.scenarios.digits import split_digits  # noqa: E402
 from incremental.trainer import Trainer  # noqa: E402
 from incremental.flat_gradients import flatten_grads  # noqa: E402
-from incremental.selection import GradientDiversityPolicy  # noqa: E402
 from strategies.gradient_mixing import DEFAULT_POLICY, GradientMixingPlugin  # noqa: E402
 from strategies.mixing_rules import DEFAULT_RULE, WEIGHTS, mix  # noqa: E402
 
@@ -146,7 +145,7 @@ def split_digits_part(args: argparse.Namespace) -> dict[str, Any]:
     gm = [(f"ours gradient mixing: {rule} + reservoir", rule, "reservoir") for rule in WEIGHTS]
     gm += [(f"ours gradient mixing: {DEFAULT_RULE} + {DEFAULT_POLICY} (default)", None, None)]
     gm += [(f"ours gradient mixing: {rule} + {policy}", rule, policy) for rule, policy in (
-        ("similarity_der", "reservoir"), ("similarity_der", "class_balanced"), ("similarity_der", "gradient_diversity"),
+        ("similarity_der", "reservoir"), ("similarity_der", "class_balanced"),
         ("similarity", "herding"), ("similarity_ace", "herding"), ("sum_der", "herding"), ("pcgrad_der", "herding"))]
     for seed in args.seeds:
         naive, av_naive = ours_split("naive", seed, 200), avalanche_split("Naive", seed, 200)  # no memory
@@ -403,8 +402,6 @@ def insertion_part(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     policies: list[tuple[str, Callable[[], Any]]] = [(name, lambda name=name: name) for name in
                                                      ("reservoir", "class_balanced", "herding", "loss_stratified")]
-    policies += [(f"gradient_diversity, max_comparisons={k}", lambda k=k: GradientDiversityPolicy(max_comparisons=k))
-                 for k in args.comparisons]
     for label, make in policies:
         times = []
         for _ in range(3):
@@ -536,7 +533,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--transfer-mem", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7, help="timing repetitions")
     parser.add_argument("--cost-steps", type=int, default=200, help="timed steps per repetition (MLP; resnet: a tenth)")
-    parser.add_argument("--comparisons", type=int, nargs="+", default=[5, 10, 50])
     parts = ["split", "transfer", "fashion_transfer", "cost", "insertion", "stale"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--fashion-shots", type=int, nargs="+", default=[10])
@@ -549,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.quick:
         EPOCHS = 3
         args.seeds, args.mems, args.shots, args.steps, args.repeats = [0], [200], [10], 100, 2
-        args.comparisons, args.cost_models = [10], [(next(iter(COST_MODELS)), 20)]
+        args.cost_models = [(next(iter(COST_MODELS)), 20)]
     torch.set_num_threads(1)
     _hide_avalanche_warnings()
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (

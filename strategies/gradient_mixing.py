@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-import incremental.selection  # noqa: F401 - registers herding, loss_stratified, gradient_diversity
+import incremental.selection  # noqa: F401 - registers the herding and loss_stratified policies
 from incremental.buffer import STORAGE_POLICIES, HistoryLibrary, StoragePolicy, make_policy
 from incremental.config import check
 from incremental.data import Batch, batch_size_of, concat_batches, move_to
@@ -23,7 +23,6 @@ from incremental.flat_gradients import (
     GradientBuffers, assign_flat_grad, batched_gradients_into, flatten_grads, flatten_grads_into, gather_into,
 )
 from incremental.plugins import Plugin
-from incremental.selection import GradientDiversityPolicy, per_sample_gradients
 from .logit_memory import LogitMemory
 from .mixing_rules import (
     DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, AsymmetricCrossEntropy, Geometry, combine, gram_matrix,
@@ -97,6 +96,7 @@ class GradientMixingPlugin(Plugin):
         self._bufs: GradientBuffers | None = None
         self._fused = False
         self._saved_criterion: Any = None
+        self._stored_logits: torch.Tensor | None = None  # DER: the logits stored with this step's history batch
 
     # ---------------------------------------------------------------- where the history comes from
     @staticmethod
@@ -199,12 +199,12 @@ class GradientMixingPlugin(Plugin):
             return
         bufs = self._buffers(strategy)
         params = bufs.params
-        grads_t = [p.grad for p in params]
         if self._fused:
             if strategy.loss is not self._stand_in or self._stand_in._version:  # a term added after our
-                bufs.stacked[1].add_(flatten_grads(grads_t, params))          # before_backward: into g_t
+                bufs.stacked[1].add_(flatten_grads([p.grad for p in params], params))  # before_backward: g_t
             present = self._present
         else:
+            grads_t = [p.grad for p in params]
             gather_into(bufs.stacked[1], bufs.views_t, grads_t, params)  # before .grad (maybe `out`) is rewritten
             loss_h = self._weighted_history_loss(strategy, batch)
             grads_h = torch.autograd.grad(loss_h, params, allow_unused=True)
@@ -320,6 +320,5 @@ def _scalar(loss: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "GradientMixingPlugin", "DEFAULT_POLICY", "GRADIENT_PASSES", "STAT_NAMES",
     # re-exported for callers of the one-file version
-    "RULES", "mix", "flatten_grads", "flatten_grads_into", "assign_flat_grad", "GradientDiversityPolicy",
-    "per_sample_gradients",
+    "RULES", "mix", "flatten_grads", "flatten_grads_into", "assign_flat_grad",
 ]

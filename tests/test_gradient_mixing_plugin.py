@@ -1,4 +1,4 @@
-"""GradientMixingPlugin in this project's loop and in Avalanche's Naive; GradientDiversityPolicy.
+"""GradientMixingPlugin in this project's loop and in Avalanche's Naive: exactness, both gradient passes, options.
 
 The central check: after the plugin's after_backward, every parameter's .grad is exactly the mixed
 gradient computed independently (a copy of the model, two autograd.grad calls, the pure rule), at every
@@ -17,14 +17,12 @@ import pytest
 import torch
 from torch import nn
 
-from incremental.buffer import HistoryLibrary, make_policy
-from incremental.data import TensorSamples
+from incremental.buffer import HistoryLibrary
 from incremental.models import MLP
 from incremental.plugins import Plugin
 from incremental.scenarios.digits import split_digits
 from incremental.trainer import Trainer
 from incremental.flat_gradients import flatten_grads
-from incremental.selection import GradientDiversityPolicy, _loop_sample_gradients, per_sample_gradients
 from strategies.gradient_mixing import GradientMixingPlugin
 from strategies.mixing_rules import (
     DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, WEIGHTS, asymmetric_cross_entropy, logit_replay_loss, mix,
@@ -247,157 +245,6 @@ def test_statistics_per_iteration_summary_and_plots(digits, tmp_path: Path) -> N
 def test_unknown_rule_names_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown gradient mixing rule 'cosine'.*similarity"):
         GradientMixingPlugin(rule="cosine")
-
-
-# ---------------------------------------------------------------- gradient diversity policy
-
-class _Strategy:
-    """The two attributes the policy's batched path reads (plus what the loop path needs)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._criterion = nn.CrossEntropyLoss()
-        self.device = torch.device("cpu")
-        self.mbatch = None
-        self.mb_output = None
-
-    def forward(self) -> torch.Tensor:
-        return self.model(self.mbatch[0])
-
-    def criterion(self) -> torch.Tensor:
-        return self._criterion(self.mb_output, self.mbatch[1])
-
-
-def test_policy_is_registered_by_name() -> None:
-    assert isinstance(make_policy("gradient_diversity", max_comparisons=3), GradientDiversityPolicy)
-
-
-def test_per_sample_gradients_match_one_backward_per_sample(digits) -> None:
-    torch.manual_seed(0)
-    model = MLP(64, 16, 10)
-    samples = digits.train_stream[0].dataset
-    idx = torch.arange(5)
-    x, y = samples.x[idx], samples.y[idx]
-    batched = per_sample_gradients(model, nn.CrossEntropyLoss(), x, y)
-    params = list(model.parameters())
-    for i in range(5):
-        loss = nn.CrossEntropyLoss()(model(x[i : i + 1]), y[i : i + 1])
-        expected = flatten_grads(torch.autograd.grad(loss, params), params)
-        assert torch.allclose(batched[i], expected, atol=1e-6)
-    # the general (one sample at a time) path gives the same rows and leaves .grad alone
-    looped = _loop_sample_gradients(_Strategy(model), samples, idx)
-    assert torch.allclose(looped, batched, atol=1e-6)
-    assert all(p.grad is None for p in params)
-
-
-def test_scores_agree_batched_sub_chunked_and_one_sample_at_a_time(digits, monkeypatch) -> None:
-    import incremental.selection as gm
-
-    torch.manual_seed(0)
-    model = MLP(64, 16, 10)
-    strategy = _Strategy(model)
-    pool = digits.train_stream[0].dataset
-    policy = GradientDiversityPolicy()
-    refs = policy._gradients(strategy, pool, torch.arange(3))
-    assert refs.shape == (3, sum(p.numel() for p in model.parameters()))
-    cand = torch.arange(10, 17)
-    batched = policy._gradients(strategy, pool, cand, refs)
-    monkeypatch.setattr(gm, "ROW_BUDGET", 2 * refs.shape[1])  # two rows per sub-chunk
-    sub_chunked = policy._gradients(strategy, pool, cand, refs)
-    policy._use_loop = True  # the path for non-tensor samples: one gradient in memory at a time
-    looped = policy._gradients(strategy, pool, cand, refs)
-    assert batched.shape == (7,)
-    assert torch.allclose(sub_chunked, batched, atol=1e-6) and torch.allclose(looped, batched, atol=1e-5)
-    expected = gm.max_cosine(gm.per_sample_gradients(model, nn.CrossEntropyLoss(), pool.x[cand], pool.y[cand]), refs)
-    assert torch.allclose(batched, expected, atol=1e-6)
-
-
-def test_policy_fills_keeps_scores_aligned_and_bounds_comparisons(digits, monkeypatch) -> None:
-    import incremental.selection as gm
-
-    rows = []
-    real = gm.per_sample_gradients
-
-    def counting(model, criterion, x, y):
-        rows.append(len(x))
-        return real(model, criterion, x, y)
-
-    monkeypatch.setattr(gm, "per_sample_gradients", counting)
-    torch.manual_seed(0)
-    strategy = _Strategy(MLP(64, 16, 10))
-    policy = GradientDiversityPolicy(max_comparisons=4, chunk_size=16)
-    library = HistoryLibrary(40, policy, seed=0)
-    first, second = digits.train_stream[0].dataset, digits.train_stream[1].dataset
-    library.update(first, strategy=strategy)
-    assert len(library) == 40 and len(policy.scores) == 40
-    assert torch.all(policy.scores.abs() <= 1.0)
-    library.update(second, strategy=strategy)
-    assert len(library) == 40 and len(policy.scores) == 40
-    # cost bound: one gradient per candidate + at most max_comparisons per chunk of 16
-    n_new = len(first) + len(second)
-    chunks = -(-len(first) // 16) + -(-len(second) // 16)
-    assert sum(rows) <= n_new + 4 * chunks
-    # the second experience's classes got in
-    assert set(library.samples.labels.tolist()) >= {2, 3}
-
-
-def test_policy_evicts_redundant_samples_first() -> None:
-    # Library of 20 samples: the first 10 have score 0.9 (redundant), the last 10 score -0.5 (unique).
-    # eviction weights: (0.9+0.5)/(1.4+0.01)+0.01 = 1.003 vs 0.01 -> ~99% of evictions hit the first half.
-    torch.manual_seed(0)
-    model = MLP(4, 8, 3)
-    x = torch.randn(60, 4)
-    y = torch.randint(0, 3, (60,))
-    stored = TensorSamples(x[:20], y[:20])
-    policy = GradientDiversityPolicy(max_comparisons=5, chunk_size=8)
-    library = HistoryLibrary(20, policy, seed=0)
-    library.samples = stored
-    policy.scores = torch.tensor([0.9] * 10 + [-0.5] * 10)
-    library.update(TensorSamples(x[20:], y[20:]), strategy=_Strategy(model))
-    kept = {tuple(r.tolist()) for r in library.samples.x}
-    redundant_kept = sum(tuple(r.tolist()) in kept for r in x[:10])
-    unique_kept = sum(tuple(r.tolist()) in kept for r in x[10:20])
-    assert unique_kept >= 9
-    assert redundant_kept < unique_kept
-
-
-def test_policy_is_deterministic_and_checkpointable(digits, tmp_path: Path) -> None:
-    def fill(seed: int) -> HistoryLibrary:
-        torch.manual_seed(0)
-        library = HistoryLibrary(30, GradientDiversityPolicy(max_comparisons=3), seed=seed)
-        strategy = _Strategy(MLP(64, 16, 10))
-        for exp in digits.train_stream[:2]:
-            library.update(exp.dataset, strategy=strategy)
-        return library
-
-    a, b = fill(0), fill(0)
-    assert torch.equal(a.samples.x, b.samples.x) and torch.equal(a.policy.scores, b.policy.scores)
-    path = tmp_path / "lib.pt"
-    torch.save(a.state_dict(), path)
-    state = torch.load(path, weights_only=True)  # plain tensors only
-    c = HistoryLibrary(30, GradientDiversityPolicy(max_comparisons=3), seed=5)
-    c.load_state_dict(state)
-    assert torch.equal(c.samples.x, a.samples.x) and torch.equal(c.policy.scores, a.policy.scores)
-    assert c.policy.seen == a.policy.seen
-
-
-def test_policy_without_strategy_is_a_clear_error(digits) -> None:
-    library = HistoryLibrary(10, GradientDiversityPolicy())
-    with pytest.raises(ValueError, match="gradient_diversity.*strategy"):
-        library.update(digits.train_stream[0].dataset)
-
-
-def test_gradient_diversity_through_the_classification_runner(tmp_path: Path) -> None:
-    from incremental.config import from_dict
-    from incremental.runners.classification import Config, run
-
-    cfg = from_dict(Config, {"scenario": {"n_experiences": 2}, "train": {"epochs": 1},
-                             "strategy": {"name": "gradient_mixing", "storage_policy": "gradient_diversity",
-                                          "max_comparisons": 5, "mem_size": 50}})
-    results = run(cfg, tmp_path)
-    assert len(results["accuracy_matrix"]) == 2
-    assert 0.0 <= results["average_accuracy"] <= 1.0
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))  # scores went into a checkpoint
 
 
 # ---------------------------------------------------------------- data parallel bookkeeping

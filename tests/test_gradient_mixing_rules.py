@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from incremental.flat_gradients import GradientBuffers, assign_flat_grad, batched_gradients_into, flatten_grads
-from incremental.selection import (
-    eviction_weights, herding_order, max_cosine, replacement_probability, stratified_ranks,
-)
+from incremental.selection import herding_order, stratified_ranks
 from strategies.mixing_rules import (
     HISTORY_LOSSES,
     RULES,
@@ -228,38 +226,6 @@ def test_flatten_and_assign_round_trip_with_none() -> None:
     assert close(params[2].grad, T(9))
     # views, not copies: one buffer behind every gradient
     assert params[0].grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
-
-
-# ---------------------------------------------------------------- gradient diversity
-
-def test_max_cosine_by_hand() -> None:
-    # candidates c1 = (1, 0), c2 = (0, 2), c3 = (0, 0); references r1 = (1, 1), r2 = (-1, 0)
-    # c1: cos(c1, r1) = 1/sqrt 2, cos(c1, r2) = -1 -> max 0.7071
-    # c2: cos(c2, r1) = 2/(2 sqrt 2) = 0.7071, cos(c2, r2) = 0 -> 0.7071
-    # c3: zero gradient -> 0
-    c = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
-    r = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
-    s = max_cosine(c, r)
-    assert torch.allclose(s, torch.tensor([1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]), atol=1e-7)
-    # no references: nothing to be redundant with -> 0
-    assert torch.equal(max_cosine(c, torch.zeros(0, 2)), torch.zeros(3))
-
-
-def test_eviction_weights_by_hand() -> None:
-    # scores (-0.5, 0.5, 0.0): min -0.5, max 0.5, range + 0.01 = 1.01
-    # (0, 1, 0.5) / 1.01 + 0.01 = (0.01, 0.990099 + 0.01, 0.495050 + 0.01)
-    w = eviction_weights(torch.tensor([-0.5, 0.5, 0.0], dtype=torch.float64))
-    assert torch.allclose(w, T(0.01, 1 / 1.01 + 0.01, 0.5 / 1.01 + 0.01), atol=1e-12)
-    # equal scores: all weights equal the floor (still a valid multinomial)
-    assert torch.allclose(eviction_weights(torch.full((4,), 0.3)), torch.full((4,), 0.01))
-
-
-def test_replacement_probability_by_hand() -> None:
-    # candidate -1 (unique), stored 1 (redundant): (1 + 1) / ((1 - 1) + (1 + 1)) = 1
-    # candidate 0, stored 0: 1 / 2;  candidate 1, stored 0: 1 / (2 + 1) = 1/3
-    # both -1: 0/0 -> 1/2 (no preference)
-    p = replacement_probability(torch.tensor([-1.0, 0.0, 1.0, -1.0]), torch.tensor([1.0, 0.0, 0.0, -1.0]))
-    assert torch.allclose(p, torch.tensor([1.0, 0.5, 1 / 3, 0.5]))
 
 
 # ---------------------------------------------------------------- combined rules: the losses

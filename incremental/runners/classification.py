@@ -47,7 +47,6 @@ class StrategyConfig:
     rule: str | None = None  # None: the plugin's default (strategies.mixing_rules.DEFAULT_RULE)
     gradient_pass: Literal["auto", "fused", "two_pass"] = "auto"
     logit_weight: float = 0.3  # gradient mixing *_der rules: weight of the logit replay term
-    max_comparisons: int = 10
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
     ewc_lambda: float = 100.0
@@ -117,8 +116,6 @@ def build_strategy(cfg: StrategyConfig, seed: int) -> tuple[list[Any], HistoryLi
         policy: Any = cfg.storage_policy or "reservoir"
         if cfg.storage_policy is None and cfg.name == "gradient_mixing":
             from strategies.gradient_mixing import DEFAULT_POLICY as policy
-        if policy == "gradient_diversity":
-            policy = selection.GradientDiversityPolicy(max_comparisons=cfg.max_comparisons)
         history = HistoryLibrary(cfg.mem_size, policy, seed=seed)
     if cfg.name == "gradient_mixing":
         from strategies.gradient_mixing import GradientMixingPlugin
