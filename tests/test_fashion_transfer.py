@@ -49,7 +49,7 @@ def test_shift_inverts_rotates_and_blurs_by_hand() -> None:
 
 
 def test_scenes_what_goes_where(idx_root: Path) -> None:
-    s = fashion_transfer(2, root=idx_root, seed=0)
+    s = fashion_transfer(2, root=idx_root, invert=True, rotation=90, blur_sigma=0.0, seed=0)
     assert s.input_shape == (1, 28, 28) and s.n_classes == 10
     assert len(s.general_train.dataset) == 40 and len(s.general_test.dataset) == 20
     assert torch.bincount(s.transfer_train.dataset.y).tolist() == [2] * 10
@@ -57,8 +57,12 @@ def test_scenes_what_goes_where(idx_root: Path) -> None:
     assert torch.equal(s.transfer_test.dataset.x, shift_images(s.general_test.dataset.x))
     shifted_train = {tuple(r.flatten().tolist()) for r in shift_images(s.general_train.dataset.x)}
     assert all(tuple(r.flatten().tolist()) in shifted_train for r in s.transfer_train.dataset.x)
-    other = fashion_transfer(2, root=idx_root, seed=1)
+    other = fashion_transfer(2, root=idx_root, invert=True, rotation=90, blur_sigma=0.0, seed=1)
     assert not torch.equal(other.transfer_train.dataset.x, s.transfer_train.dataset.x)
+    # the defaults (the shipped config's shift): rotated by 90 degrees and blurred by one pixel, not inverted
+    default = fashion_transfer(2, root=idx_root, seed=0)
+    assert torch.equal(default.transfer_test.dataset.x,
+                       shift_images(s.general_test.dataset.x, invert=False, rotation=90, blur_sigma=1.0))
 
 
 def small(root: Path, **strategy) -> Config:
@@ -84,6 +88,10 @@ def test_runner_adapts_with_the_default_gradient_mixing(idx_root: Path) -> None:
 def test_config_errors_name_the_key(idx_root: Path) -> None:
     with pytest.raises(ConfigError, match="scenario.blur_sigma"):
         from_dict(Config, {"scenario": {"name": "fashion_transfer", "blur_sigma": -1}})
+    with pytest.raises(ConfigError, match="scenario.blur_sigma: digits_transfer has no blur"):
+        from_dict(Config, {"scenario": {"name": "digits_transfer", "blur_sigma": 1.0}})
+    cfg = from_dict(Config, {"scenario": {"name": "fashion_transfer"}})  # each scene's own defaults
+    assert (cfg.scenario.invert, cfg.scenario.noise_std, cfg.scenario.blur_sigma) == (False, 0.0, 1.0)
     with pytest.raises(ConfigError, match="scenario.shots"):
         TransferRun(from_dict(Config, {"scenario": {"name": "fashion_transfer", "shots": 5, "root": str(idx_root)}}))
 

@@ -42,20 +42,23 @@ class TransferScenarioConfig:
     name: str = "digits_transfer"
     shots: int = 10
     test_fraction: float = 0.3  # digits_transfer: held-out share of load_digits
-    invert: bool = True
+    invert: bool | None = None  # None: True on digits_transfer, False on fashion_transfer
     rotation: float = 90.0
     noise_std: float | None = None  # None: 0.2 on digits_transfer, 0 on fashion_transfer
-    blur_sigma: float = 0.0  # fashion_transfer: Gaussian blur of the transfer scene, in pixels
+    blur_sigma: float | None = None  # fashion_transfer only: Gaussian blur in pixels (None: 1.0)
     root: str | None = None  # fashion_transfer: folder of the IDX files (default: Debian's)
 
     def validate(self) -> None:
         # 1797 digits, ~180 per class; the smallest class has >= 120 training images at test_fraction 0.3.
         check(1 <= self.shots <= 100, "scenario.shots", f"must be between 1 and 100 images per class, got {self.shots}")
         check(0.0 < self.test_fraction < 1.0, "scenario.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
-        if self.noise_std is None:
-            self.noise_std = 0.2 if self.name == "digits_transfer" else 0.0
+        digits = self.name == "digits_transfer"
+        for key, on_digits, on_fashion in (("invert", True, False), ("noise_std", 0.2, 0.0), ("blur_sigma", 0.0, 1.0)):
+            if getattr(self, key) is None:  # each scene's own default
+                setattr(self, key, on_digits if digits else on_fashion)
         check(self.noise_std >= 0.0, "scenario.noise_std", f"must be >= 0, got {self.noise_std}")
         check(self.blur_sigma >= 0.0, "scenario.blur_sigma", f"must be >= 0, got {self.blur_sigma}")
+        check(not digits or self.blur_sigma == 0.0, "scenario.blur_sigma", "digits_transfer has no blur")
 
 
 @dataclass
