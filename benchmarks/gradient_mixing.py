@@ -18,8 +18,8 @@ One process, one thread, everything side by side:
    history samples), on the experiences that have a history (1..4), interleaved repetitions, CPU time
    and wall time; plus the floor any implementation of the method pays (the extra forward/backward
    alone, no mixing), on the benchmark MLP and on a wider one.
-4. Insertion cost of the ``gradient_diversity`` library (samples/s) against reservoir and
-   class-balanced, for several ``max_comparisons``.
+4. Insertion cost of the library policies (samples/s): reservoir, class-balanced, herding,
+   loss-stratified.
 5. Stale gradients: steps whose gradient differs from the one the step should use, for Avalanche's
    GSS_greedy and for this plugin (our loop and Avalanche's Naive).
 
@@ -45,25 +45,22 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from incremental.buffer import HistoryLibrary  # noqa: E402
 from incremental.config import from_dict  # noqa: E402
 from incremental.io import write_json  # noqa: E402
 from incremental.metrics import summarize  # noqa: E402
-from incremental.models import MLP  # noqa: E402
+from incremental.data import Experience, TensorSamples  # noqa: E402
+from incremental.models import MLP, build_model  # noqa: E402
 from incremental.plugins import Plugin  # noqa: E402
 from incremental.scenarios.digits import split_digits  # noqa: E402
 from incremental.trainer import Trainer  # noqa: E402
-from strategies.gradient_mixing import (  # noqa: E402
-    RULES,
-    GradientDiversityPolicy,
-    GradientMixingPlugin,
-    flatten_grads,
-    mix,
-)
+from incremental.flat_gradients import flatten_grads  # noqa: E402
+from strategies.gradient_mixing import DEFAULT_POLICY, GradientMixingPlugin  # noqa: E402
+from strategies.mixing_rules import DEFAULT_RULE, WEIGHTS, mix  # noqa: E402
 
 EPOCHS, BATCH, LR = 10, 32, 0.1  # the project's Split Digits configs (trained to convergence)
-COST_EPOCHS = 3  # the cost part measures time per step; fewer epochs suffice
 QUIET = False  # --quiet: no progress lines and no tables on stdout (the JSON has the tables)
 N_EXP = 5
 
@@ -77,7 +74,7 @@ def log(msg: str, quiet: bool) -> None:
 # 1. Split Digits
 # ==================================================================================================
 
-def ours_split(name: str, seed: int, mem: int, rule: str = "similarity", policy: str = "reservoir",
+def ours_split(name: str, seed: int, mem: int, rule: str | None = None, policy: str | None = None,
                lr: float | None = None, epochs: int | None = None) -> dict[str, Any]:
     from incremental.runners.classification import ClassificationRun, Config
 
@@ -117,29 +114,19 @@ def accuracy_row(model: nn.Module, test_stream: Sequence[Any]) -> list[float]:
 
 
 def avalanche_split(name: str, seed: int, mem: int) -> dict[str, Any]:
-    from avalanche.training import AGEM, DER, ER_ACE, GSS_greedy, Naive, Replay
     from avalanche.training.plugins import EvaluationPlugin
+
+    from avalanche_baselines import avalanche_strategy
 
     bench, ours = avalanche_benchmark(seed)
     torch.manual_seed(seed)
     model = MLP(64, 256, 10)
-    common = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                  criterion=nn.CrossEntropyLoss(), train_mb_size=BATCH, train_epochs=EPOCHS, eval_mb_size=512,
-                  evaluator=EvaluationPlugin(loggers=[]))
+    strategy = avalanche_strategy(name, model, mem=mem, lr=LR, batch=BATCH, epochs=EPOCHS, eval_batch=512,
+                                  n_experiences=N_EXP, input_size=[64], evaluator=EvaluationPlugin(loggers=[]))
+    start = time.perf_counter()
+    R = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        strategy = {
-            "Naive": lambda: Naive(**common),
-            "Replay": lambda: Replay(mem_size=mem, **common),
-            # A-GEM's memory grows by patterns_per_exp per finished experience: with mem // 4 it holds
-            # mem samples while training the last experience, as the fixed-size memories do.
-            "AGEM": lambda: AGEM(patterns_per_exp=mem // (N_EXP - 1), sample_size=BATCH, **common),
-            "GSS_greedy": lambda: GSS_greedy(mem_size=mem, mem_strength=5, input_size=[64], **common),
-            "ER_ACE": lambda: ER_ACE(mem_size=mem, batch_size_mem=BATCH, **common),
-            "DER": lambda: DER(mem_size=mem, batch_size_mem=BATCH, **common),
-        }[name]()
-        start = time.perf_counter()
-        R = []
         for exp in bench.train_stream:
             strategy.train(exp)
             R.append(accuracy_row(model, ours.test_stream))
@@ -155,21 +142,21 @@ def split_digits_part(args: argparse.Namespace) -> dict[str, Any]:
             {"average_accuracy": m["average_accuracy"], "forgetting": m["forgetting"], "time_s": out["time_s"],
              "accuracy_matrix": out["R"]})
 
-    rules = list(RULES)
+    gm = [(f"ours gradient mixing: {rule} + reservoir", rule, "reservoir") for rule in WEIGHTS]
+    gm += [(f"ours gradient mixing: {DEFAULT_RULE} + {DEFAULT_POLICY} (default)", None, None)]
+    gm += [(f"ours gradient mixing: {rule} + {policy}", rule, policy) for rule, policy in (
+        ("similarity_der", "reservoir"), ("similarity_der", "class_balanced"),
+        ("similarity", "herding"), ("similarity_ace", "herding"), ("sum_der", "herding"), ("pcgrad_der", "herding"))]
     for seed in args.seeds:
         naive, av_naive = ours_split("naive", seed, 200), avalanche_split("Naive", seed, 200)  # no memory
         for mem in args.mems:
             add("ours naive (fine-tune)", mem, naive)
             add("avalanche Naive", mem, av_naive)
             add("ours replay", mem, ours_split("replay", seed, mem))
-            for rule in rules:
-                add(f"ours gradient mixing: {rule}", mem, ours_split("gradient_mixing", seed, mem, rule=rule))
-            add("ours gradient mixing: similarity + gradient_diversity library", mem,
-                ours_split("gradient_mixing", seed, mem, policy="gradient_diversity"))
-            add("ours gradient mixing: similarity + class_balanced library", mem,
-                ours_split("gradient_mixing", seed, mem, policy="class_balanced"))
+            for label, rule, policy in gm:
+                add(label, mem, ours_split("gradient_mixing", seed, mem, rule=rule, policy=policy))
             add("control: ours replay at lr x2", mem, ours_split("replay", seed, mem, lr=2 * LR))
-            add("control: ours similarity at lr /2", mem, ours_split("gradient_mixing", seed, mem, lr=LR / 2))
+            add("control: ours default gradient mixing at lr /2", mem, ours_split("gradient_mixing", seed, mem, lr=LR / 2))
             for name in ("Replay", "AGEM", "GSS_greedy", "ER_ACE", "DER"):
                 add(f"avalanche {name}", mem, avalanche_split(name, seed, mem))
             log(f"  split digits seed {seed} mem {mem} done", args.quiet)
@@ -212,46 +199,83 @@ def print_split_table(table: dict[str, Any], mems: Sequence[int]) -> list[str]:
 
 
 # ==================================================================================================
-# 2. digits_transfer
+# 2. Transfer: digits_transfer and fashion_transfer
 # ==================================================================================================
 
-def transfer_run(name: str, seed: int, shots: int, mem: int, steps: int, rule: str = "similarity") -> dict[str, Any]:
+def transfer_config(scenario: str) -> dict[str, Any]:
+    """The shipped config of a transfer scenario (scene, meta-model training, model, adaptation lr)."""
+    from incremental.config import load_yaml
+
+    return load_yaml(ROOT / "configs" / f"{scenario}.yaml")
+
+
+def transfer_plan(scenario: str, shots: int) -> list[tuple[str, dict[str, Any]]]:
+    """(label, strategy section) in run order; the first one (fine-tuning) trains the meta model."""
+    plan: list[tuple[str, dict[str, Any]]] = [
+        ("fine-tune (naive)", {"name": "naive"}),
+        ("replay", {"name": "replay"}),
+        (f"gradient mixing: {DEFAULT_RULE} + {DEFAULT_POLICY} (default)", {"name": "gradient_mixing"}),
+        ("gradient mixing: similarity + reservoir (before)",
+         {"name": "gradient_mixing", "rule": "similarity", "storage_policy": "reservoir"}),
+    ]
+    if scenario == "digits_transfer":
+        plan += [(f"gradient mixing: {rule} + {DEFAULT_POLICY}", {"name": "gradient_mixing", "rule": rule})
+                 for rule in ("sum_der", "pcgrad_der", "mega_der", "agem")]
+        if shots == 10:
+            plan.append(("ceiling: default, the whole general training set as history",
+                         {"name": "gradient_mixing", "mem_size": 2000}))
+    return plan
+
+
+def transfer_seed(scenario: str, seed: int, shots: int, mem: int, steps: int) -> dict[str, dict[str, Any]]:
+    """Every strategy of the plan adapted from one meta model.
+
+    The meta-training step is the same for every strategy (no history exists during it), so it runs once:
+    the other runs start from its trainer state and fill their library from the general scene with their
+    own policy, which is what their own step 0 would have ended with. Adaptation is ``TransferRun.step(1)``,
+    the code ``incremental run`` executes.
+    """
+    import copy
+
     from incremental.runners.transfer import Config, TransferRun
 
-    per_epoch = math.ceil(10 * shots / BATCH)
-    cfg = from_dict(Config, {
-        "seed": seed, "scenario": {"name": "digits_transfer", "shots": shots},
-        "general": {"epochs": 10, "batch_size": BATCH, "lr": 0.1},
-        "strategy": {"name": name, "mem_size": mem, "rule": rule},
-        "train": {"epochs": math.ceil(steps / per_epoch), "batch_size": BATCH, "lr": 0.1, "threads": 1},
-        "model": {"name": "mlp", "hidden_size": 256},
-    })
-    runner = TransferRun(cfg)
-    runner.step(0)
-    start = time.perf_counter()
-    runner.step(1)
-    res = runner.results()
-    return {"general_before": res["general_accuracy"]["before"], "general_after": res["general_accuracy"]["after"],
-            "transfer_before": res["transfer_accuracy"]["before"], "transfer_after": res["transfer_accuracy"]["after"],
-            "adapt_time_s": time.perf_counter() - start}
+    shipped = transfer_config(scenario)
+    per_epoch = math.ceil(10 * shots / BATCH)  # both scenes have 10 classes
+    meta: tuple[dict[str, Any], list[list[float]], list[float]] | None = None
+    out = {}
+    for label, strategy in transfer_plan(scenario, shots):
+        cfg = from_dict(Config, {
+            **shipped, "seed": seed, "scenario": {**shipped["scenario"], "shots": shots},
+            "strategy": {"mem_size": mem, **strategy},
+            "train": {**shipped["train"], "epochs": math.ceil(steps / per_epoch), "batch_size": BATCH, "threads": 1},
+        })
+        runner = TransferRun(cfg)
+        if meta is None:
+            runner.step(0)
+            meta = (copy.deepcopy(runner.trainer.state_dict()), list(runner.accuracy_matrix), list(runner.step_time_s))
+        else:
+            runner.trainer.load_state_dict(copy.deepcopy(meta[0]))
+            if runner.trainer.history is not None:  # what the loop does at the end of step 0
+                runner.trainer.history.update(runner.scenario.general_train.dataset, strategy=runner.trainer)
+            runner.accuracy_matrix, runner.step_time_s = [list(r) for r in meta[1]], list(meta[2])
+        start = time.perf_counter()
+        runner.step(1)
+        res = runner.results()
+        out[label] = {"general_before": res["general_accuracy"]["before"], "general_after": res["general_accuracy"]["after"],
+                      "transfer_before": res["transfer_accuracy"]["before"],
+                      "transfer_after": res["transfer_accuracy"]["after"], "adapt_time_s": time.perf_counter() - start}
+    return out
 
 
-def transfer_part(args: argparse.Namespace) -> dict[str, Any]:
-    strategies: list[tuple[str, str, str, int | None]] = [("fine-tune (naive)", "naive", "similarity", None),
-                                                          ("replay", "replay", "similarity", None)]
-    strategies += [(f"gradient mixing: {r}", "gradient_mixing", r, None) for r in RULES]
+def transfer_part(args: argparse.Namespace, scenario: str, shots_list: Sequence[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for shots in args.shots:
+    for shots in shots_list:
         rows: dict[str, list[dict[str, Any]]] = {}
-        plan = list(strategies)
-        if shots == 10:
-            plan.append(("ceiling: similarity, whole general set as history", "gradient_mixing", "similarity", 2000))
         for seed in args.seeds:
-            for label, name, rule, mem in plan:
-                rows.setdefault(label, []).append(
-                    transfer_run(name, seed, shots, mem or args.transfer_mem, args.steps, rule))
+            for label, r in transfer_seed(scenario, seed, shots, args.transfer_mem, args.steps).items():
+                rows.setdefault(label, []).append(r)
         out[str(shots)] = {label: _mean_rows(r) for label, r in rows.items()}
-        log(f"  digits_transfer shots {shots} done", args.quiet)
+        log(f"  {scenario} shots {shots} done", args.quiet)
     return out
 
 
@@ -264,14 +288,14 @@ def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return mean
 
 
-def print_transfer_table(out: dict[str, Any], steps: int, mem: int) -> list[str]:
-    lines = ["", f"digits_transfer (invert + rot90 + noise 0.2), memory {mem}, {steps} adaptation steps at lr 0.1; "
-                 "mean over seeds (points of accuracy)",
-             f"{'shots':>5s}  {'strategy':52s} | general before -> after (change) | transfer before -> after | adapt s"]
+def print_transfer_table(out: dict[str, Any], scenario: str, steps: int, mem: int) -> list[str]:
+    lr = transfer_config(scenario)["train"]["lr"]
+    lines = ["", f"{scenario}, memory {mem}, {steps} adaptation steps at lr {lr}; mean over seeds (points of accuracy)",
+             f"{'shots':>5s}  {'strategy':58s} | general before -> after (change) | transfer before -> after | adapt s"]
     for shots, rows in out.items():
         for label, r in rows.items():
             change = 100 * (r["general_after"] - r["general_before"])
-            lines.append(f"{shots:>5s}  {label:52s} | {100 * r['general_before']:5.1f} -> {100 * r['general_after']:5.1f}"
+            lines.append(f"{shots:>5s}  {label:58s} | {100 * r['general_before']:5.1f} -> {100 * r['general_after']:5.1f}"
                          f" ({change:+5.1f} +- {100 * r['general_change_std']:3.1f}) | {100 * r['transfer_before']:5.1f} -> "
                          f"{100 * r['transfer_after']:5.1f} +- {100 * r['transfer_after_std']:3.1f} | {r['adapt_time_s']:6.2f}")
     log("\n".join(lines), QUIET)
@@ -283,7 +307,7 @@ def print_transfer_table(out: dict[str, Any], steps: int, mem: int) -> list[str]
 # ==================================================================================================
 
 class ExtraPassOnly(Plugin):
-    """The floor of the method: the history forward + backward, nothing mixed (gradient discarded)."""
+    """The floor of the two-pass computation: the history forward + backward, nothing mixed."""
 
     consumes_history = True
 
@@ -299,55 +323,66 @@ class ExtraPassOnly(Plugin):
         torch.autograd.grad(loss, params)
 
 
-def time_training(kind: str, hidden: int, layers: int, digits: Any) -> tuple[float, float]:
-    """(CPU s, wall s) to train experiences 1..4 (the ones with a history) after an untimed experience 0."""
+#: The models of the cost table: (label, builder, input shape).
+COST_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "MLP 784-256-256-10 (Split Fashion-MNIST)": (lambda: MLP(784, 256, 10, hidden_layers=2), (1, 28, 28)),
+    "resnet18_reduced, 3x32x32": (lambda: build_model("resnet18_reduced", in_channels=3, n_classes=10), (3, 32, 32)),
+}
+COST_KINDS = ("replay", "mixing, two passes", "mixing, fused", "extra pass only")
+
+
+def time_training(kind: str, model_name: str, steps: int) -> tuple[float, float]:
+    """(CPU s, wall s) of ``steps`` training steps of 32 new + 32 history samples (random tensors: the
+    cost does not depend on the values), after an untimed first step."""
+    build, shape = COST_MODELS[model_name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((steps + 1) * BATCH, *shape, generator=gen)
+    y = torch.randint(0, 10, (len(x),), generator=gen)
+    history = HistoryLibrary(200, "reservoir", seed=0)
+    history.update(TensorSamples(torch.rand(200, *shape, generator=gen), torch.randint(0, 10, (200,), generator=gen)))
     torch.manual_seed(0)
-    model = MLP(64, hidden, 10, hidden_layers=layers)
-    plugins: list[Any] = {"replay": [], "mixing": [GradientMixingPlugin("similarity")],
+    model = build()
+    plugins: list[Any] = {"replay": [], "mixing, two passes": [GradientMixingPlugin(gradient_pass="two_pass")],
+                          "mixing, fused": [GradientMixingPlugin(gradient_pass="fused")],
                           "extra pass only": [ExtraPassOnly()]}[kind]
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=LR), nn.CrossEntropyLoss(), train_mb_size=BATCH,
-                      train_epochs=COST_EPOCHS, plugins=plugins, history=HistoryLibrary(200, "reservoir", seed=0),
-                      seed=0)
-    trainer.train(digits.train_stream[0])
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.CrossEntropyLoss(),
+                      train_mb_size=BATCH, train_epochs=1, plugins=plugins, history=history, seed=0, shuffle=False)
+    trainer.train(Experience(TensorSamples(x[:BATCH], y[:BATCH]), 0, list(range(10))))  # warm-up step
+    exp = Experience(TensorSamples(x[BATCH:], y[BATCH:]), 1, list(range(10)))
     cpu, wall = time.process_time(), time.perf_counter()
-    trainer.train(digits.train_stream[1:])
+    trainer.train(exp)
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def cost_part(args: argparse.Namespace) -> dict[str, Any]:
-    digits = split_digits(N_EXP, seed=0)
     out = {}
-    for hidden, layers in args.cost_models:
-        kinds = ("replay", "mixing", "extra pass only")
-        for kind in kinds:  # warm-up
-            time_training(kind, hidden, layers, digits)
-        samples: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    for model_name, steps in args.cost_models:
+        for kind in COST_KINDS:  # warm-up
+            time_training(kind, model_name, 2)
+        samples: dict[str, list[tuple[float, float]]] = {k: [] for k in COST_KINDS}
         for _ in range(args.repeats):
-            for kind in kinds:  # interleaved, so load changes hit all three alike
-                samples[kind].append(time_training(kind, hidden, layers, digits))
+            for kind in COST_KINDS:  # interleaved, so load changes hit all of them alike
+                samples[kind].append(time_training(kind, model_name, steps))
         med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in samples.items()}
-        name = f"MLP 64-{hidden}x{layers}-10"
-        out[name] = {
-            "cpu_s": {k: v[0] for k, v in med.items()}, "wall_s": {k: v[1] for k, v in med.items()},
-            "mixing_over_replay_cpu": med["mixing"][0] / med["replay"][0],
-            "mixing_over_replay_wall": med["mixing"][1] / med["replay"][1],
-            "floor_over_replay_cpu": med["extra pass only"][0] / med["replay"][0],
-            "mixing_over_floor_cpu": med["mixing"][0] / med["extra pass only"][0],
+        rep = med["replay"]
+        out[model_name] = {
+            "steps": steps, "cpu_s": {k: v[0] for k, v in med.items()}, "wall_s": {k: v[1] for k, v in med.items()},
+            "over_replay_cpu": {k: v[0] / rep[0] for k, v in med.items()},
+            "over_replay_wall": {k: v[1] / rep[1] for k, v in med.items()},
+            "all_cpu_s": {k: [c for c, _ in v] for k, v in samples.items()},
         }
-        log(f"  cost {name} done", args.quiet)
+        log(f"  cost {model_name} done", args.quiet)
     return out
 
 
 def print_cost_table(out: dict[str, Any]) -> list[str]:
-    lines = ["", f"Training time, experiences 1-4 of Split Digits ({COST_EPOCHS} epochs, 32 training + 32 history samples per step), "
-                 "median of interleaved repeats",
-             f"{'model':20s} | replay cpu s | mixing cpu s | extra pass only cpu s | mixing/replay cpu (wall) | "
-             "floor/replay | mixing/floor"]
+    lines = ["", "Training time per step, 32 new + 32 history samples, median of interleaved repeats, one thread; "
+                 "ratio to replay: CPU time (wall)",
+             f"{'model':42s} | {'replay ms':>9s} | " + " | ".join(f"{k:>22s}" for k in COST_KINDS[1:])]
     for name, r in out.items():
-        lines.append(f"{name:20s} | {r['cpu_s']['replay']:12.3f} | {r['cpu_s']['mixing']:12.3f} | "
-                     f"{r['cpu_s']['extra pass only']:21.3f} | {r['mixing_over_replay_cpu']:6.2f} "
-                     f"({r['mixing_over_replay_wall']:4.2f})           | {r['floor_over_replay_cpu']:12.2f} | "
-                     f"{r['mixing_over_floor_cpu']:12.2f}")
+        cells = [f"{1000 * r['cpu_s'][k] / r['steps']:7.1f} ms {r['over_replay_cpu'][k]:4.2f}x ({r['over_replay_wall'][k]:4.2f})"
+                 for k in COST_KINDS[1:]]
+        lines.append(f"{name:42s} | {1000 * r['cpu_s']['replay'] / r['steps']:9.1f} | " + " | ".join(f"{c:>22s}" for c in cells))
     log("\n".join(lines), QUIET)
     return lines
 
@@ -365,10 +400,8 @@ def insertion_part(args: argparse.Namespace) -> dict[str, Any]:
     digits = split_digits(N_EXP, seed=0)
     total = sum(len(e.dataset) for e in digits.train_stream)
     out = {}
-    policies: list[tuple[str, Callable[[], Any]]] = [("reservoir", lambda: "reservoir"),
-                                                     ("class_balanced", lambda: "class_balanced")]
-    policies += [(f"gradient_diversity, max_comparisons={k}", lambda k=k: GradientDiversityPolicy(max_comparisons=k))
-                 for k in args.comparisons]
+    policies: list[tuple[str, Callable[[], Any]]] = [(name, lambda name=name: name) for name in
+                                                     ("reservoir", "class_balanced", "herding", "loss_stratified")]
     for label, make in policies:
         times = []
         for _ in range(3):
@@ -499,19 +532,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=800, help="adaptation steps on the transfer scene")
     parser.add_argument("--transfer-mem", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7, help="timing repetitions")
-    parser.add_argument("--comparisons", type=int, nargs="+", default=[5, 10, 50])
-    parser.add_argument("--parts", nargs="+", default=["split", "transfer", "cost", "insertion", "stale"],
-                        choices=["split", "transfer", "cost", "insertion", "stale"])
+    parser.add_argument("--cost-steps", type=int, default=200, help="timed steps per repetition (MLP; resnet: a tenth)")
+    parts = ["split", "transfer", "fashion_transfer", "cost", "insertion", "stale"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
+    parser.add_argument("--fashion-shots", type=int, nargs="+", default=[10])
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gradient_mixing[_quick].json)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    args.cost_models = [(256, 1), (1024, 2)]
+    args.cost_models = [(name, steps) for name, steps in zip(COST_MODELS, (args.cost_steps, max(4, args.cost_steps // 10)))]
     global EPOCHS, QUIET
     QUIET = args.quiet
     if args.quick:
         EPOCHS = 3
         args.seeds, args.mems, args.shots, args.steps, args.repeats = [0], [200], [10], 100, 2
-        args.comparisons, args.cost_models = [10], [(256, 1)]
+        args.cost_models = [(next(iter(COST_MODELS)), 20)]
     torch.set_num_threads(1)
     _hide_avalanche_warnings()
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
@@ -524,8 +558,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["split_digits"] = split_digits_part(args)
         lines += print_split_table(results["split_digits"], args.mems)
     if "transfer" in args.parts:
-        results["digits_transfer"] = transfer_part(args)
-        lines += print_transfer_table(results["digits_transfer"], args.steps, args.transfer_mem)
+        results["digits_transfer"] = transfer_part(args, "digits_transfer", args.shots)
+        lines += print_transfer_table(results["digits_transfer"], "digits_transfer", args.steps, args.transfer_mem)
+    if "fashion_transfer" in args.parts:
+        results["fashion_transfer"] = transfer_part(args, "fashion_transfer", args.fashion_shots)
+        lines += print_transfer_table(results["fashion_transfer"], "fashion_transfer", args.steps, args.transfer_mem)
     if "cost" in args.parts:
         results["cost"] = cost_part(args)
         lines += print_cost_table(results["cost"])

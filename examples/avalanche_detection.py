@@ -66,7 +66,8 @@ def make_gradient_mixing_plugin(mem_size: int) -> Any:
         def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
             self._own_library().update(samples_from_avalanche(strategy.experience.dataset), strategy=strategy)
 
-    return AvalancheDetectionGradientMixing(mem_size=mem_size)
+    # the classifier defaults (DER logits, herding on features) need a classifier's logits: detection mixes plainly
+    return AvalancheDetectionGradientMixing(rule="similarity", mem_size=mem_size, storage_policy="reservoir")
 
 
 def detection_template(model: torch.nn.Module, lr: float, batch: int, epochs: int, plugins: list[Any]) -> Any:

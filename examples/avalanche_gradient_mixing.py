@@ -1,7 +1,9 @@
 """GradientMixingPlugin inside a plain Avalanche experiment (``avalanche.training.Naive``, nothing else).
 
-The plugin keeps its own history library (Avalanche's ``Naive`` has none), fills it after every
-experience and, at every step, mixes the history gradient into the training gradient by similarity.
+The plugin keeps its own history library (Avalanche's ``Naive`` has none, so the plugin's library draws
+its randomness from the torch generator the experiment seeded), fills it after every experience and, at
+every step, mixes the history gradient into the training gradient (default rule: similarity weights
+with DER's logit replay on the history).
 Run it with::
 
     .venv/bin/python examples/avalanche_gradient_mixing.py            # Split Digits, 5 experiences
@@ -58,7 +60,8 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rule", default="similarity", help="sum, similarity, agem, pcgrad or mega")
+    parser.add_argument("--rule", default=None, help="a rule of strategies.mixing_rules.RULES (default: DEFAULT_RULE)")
+    parser.add_argument("--policy", default=None, help="the library's storage policy (default: the plugin's)")
     parser.add_argument("--mem-size", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--experiences", type=int, default=5)
@@ -80,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     bench, ours = avalanche_split_digits(args.experiences, args.seed)
     model = MLP(64, 256, 10)
-    plugin = GradientMixingPlugin(rule=args.rule, mem_size=args.mem_size, seed=args.seed)
+    options = {k: v for k, v in (("rule", args.rule), ("storage_policy", args.policy)) if v is not None}
+    plugin = GradientMixingPlugin(mem_size=args.mem_size, **options)  # library seeded by the run (torch.manual_seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Avalanche warns that no logger is attached: on purpose
         strategy = Naive(

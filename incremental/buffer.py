@@ -221,6 +221,10 @@ class HistoryLibrary:
         self.samples: SampleSet | None = None
         self.generator = torch.Generator().manual_seed(int(seed))
         self.last_global_batch_size = 0  # size before data-parallel sharding of the last batch drawn
+        # Which slots the last minibatch came from, and how the last update moved slots (pool indices
+        # kept, slots before it): for plugins that keep per-sample data beside the library (DER logits).
+        self.last_indices: torch.Tensor | None = None
+        self.last_update: tuple[torch.Tensor, int] | None = None
         # Per-sample transforms of the data the stored samples came from (code, not state: set again
         # from the current experience's dataset after a resume).
         self.train_transform: Callable | None = None
@@ -249,6 +253,7 @@ class HistoryLibrary:
         pool = Pool(self, new)
         keep = self.policy.select(self, pool, self.generator, strategy)
         self.samples = pool.compose(keep)
+        self.last_update = (keep, pool.n_current)
 
     def _replay(self, batch: Batch) -> Batch:
         return _transform_each(self.train_transform, batch)
@@ -273,6 +278,7 @@ class HistoryLibrary:
                 if len(idx) < min_size:
                     break
                 self.last_global_batch_size = len(idx)
+                self.last_indices = idx
                 yield self._replay(samples.batch(sharder.shard(idx) if shard else idx))
 
     def sample(self, batch_size: int) -> Batch | None:
@@ -281,6 +287,7 @@ class HistoryLibrary:
             return None
         assert self.samples is not None
         idx = torch.randperm(len(self.samples), generator=self.generator)[:batch_size]
+        self.last_indices = idx
         return self._replay(self.samples.batch(idx))
 
     def state_dict(self) -> dict:

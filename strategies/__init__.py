@@ -6,7 +6,6 @@ from typing import Any
 
 _EXPORTS = {
     "GradientMixingPlugin": "strategies.gradient_mixing",
-    "GradientDiversityPolicy": "strategies.gradient_mixing",
     "DynamicLossWeightingPlugin": "strategies.dynamic_loss_weighting",
     "PseudoLabelDistillationPlugin": "strategies.pseudo_label_distillation",
 }

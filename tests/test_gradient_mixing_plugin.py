@@ -1,4 +1,4 @@
-"""GradientMixingPlugin in this project's loop and in Avalanche's Naive; GradientDiversityPolicy.
+"""GradientMixingPlugin in this project's loop and in Avalanche's Naive: exactness, both gradient passes, options.
 
 The central check: after the plugin's after_backward, every parameter's .grad is exactly the mixed
 gradient computed independently (a copy of the model, two autograd.grad calls, the pure rule), at every
@@ -17,20 +17,15 @@ import pytest
 import torch
 from torch import nn
 
-from incremental.buffer import HistoryLibrary, make_policy
-from incremental.data import TensorSamples
+from incremental.buffer import HistoryLibrary
 from incremental.models import MLP
 from incremental.plugins import Plugin
 from incremental.scenarios.digits import split_digits
 from incremental.trainer import Trainer
-from strategies.gradient_mixing import (
-    RULES,
-    GradientDiversityPolicy,
-    GradientMixingPlugin,
-    _loop_sample_gradients,
-    flatten_grads,
-    mix,
-    per_sample_gradients,
+from incremental.flat_gradients import flatten_grads
+from strategies.gradient_mixing import GradientMixingPlugin
+from strategies.mixing_rules import (
+    DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, WEIGHTS, asymmetric_cross_entropy, logit_replay_loss, mix,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +65,9 @@ class Probe(Plugin):
         else:
             history = self.mixing.last_history_batch
         history = None if history is None else [t.clone() for t in history[:2]]
+        stored = getattr(self.mixing, "_stored_logits", None) if self.mixing is not None and self.mixing.logits else None
+        if history is not None and stored is not None:
+            history.append((stored.clone(), self.mixing.logit_weight))
         self.records.append((self._model, self._batch, history, grads))
 
 
@@ -77,11 +75,16 @@ def independent_gradient(model: nn.Module, batch: list[torch.Tensor], history: A
     """What the optimizer should see: the rule applied to freshly computed g_h and g_t."""
     params = [p for p in model.parameters() if p.requires_grad]
     ce = nn.CrossEntropyLoss()
-    loss_t = ce(model(batch[0]), batch[1])
+    transfer_loss = asymmetric_cross_entropy if history is not None and TRANSFER_LOSSES[rule] == "ace" else ce
+    loss_t = transfer_loss(model(batch[0]), batch[1])
     g_t = flatten_grads(torch.autograd.grad(loss_t, params, allow_unused=True), params)
     if history is None:
         return g_t
-    loss_h = ce(model(history[0]), history[1])
+    out_h = model(history[0])
+    loss_h = ce(out_h, history[1])
+    if HISTORY_LOSSES[rule] == "der":  # DER: plus the weighted logit replay term on the stored logits
+        stored, weight = history[2]
+        loss_h = loss_h + weight * logit_replay_loss(out_h, stored)
     g_h = flatten_grads(torch.autograd.grad(loss_h, params, allow_unused=True), params)
     return mix(rule, g_h, g_t, loss_h, loss_t).grad
 
@@ -92,12 +95,14 @@ def actual_gradient(model: nn.Module, grads: list[torch.Tensor | None]) -> torch
     return flatten_grads(trainable, params)
 
 
-def count_stale(probe: Probe, rule: str) -> tuple[int, int]:
-    """(steps whose gradient differs from the independent one, steps with a history batch)."""
+def count_stale(probe: Probe, rule: str, atol: float = 0.0) -> tuple[int, int]:
+    """(steps whose gradient differs from the independent one, steps with a history batch); ``atol=0``
+    asks for bit equality (the two-pass path computes exactly what the independent code does)."""
     stale = mixed = 0
     for model, batch, history, grads in probe.records:
         expected = independent_gradient(model, batch, history, rule)
-        if not torch.equal(actual_gradient(model, grads), expected):
+        actual = actual_gradient(model, grads)
+        if not (torch.equal(actual, expected) if atol == 0 else torch.allclose(actual, expected, atol=atol, rtol=0)):
             stale += 1
         mixed += history is not None
     return stale, mixed
@@ -111,15 +116,20 @@ def our_trainer(model: nn.Module, plugins: list[Any], mem: int = 60, **kwargs: A
 
 # ---------------------------------------------------------------- exactness / no stale gradient
 
-@pytest.mark.parametrize("rule", sorted(RULES))
-def test_grad_is_exactly_the_mixed_gradient_in_our_loop(digits, rule: str) -> None:
+EXACTNESS_CASES = [(rule, "two_pass") for rule in sorted(RULES)] + \
+    [(rule, "fused") for rule in [*sorted(WEIGHTS), "similarity_ace", "similarity_der", "pcgrad_ace_der"]]
+
+
+@pytest.mark.parametrize("rule,gradient_pass", EXACTNESS_CASES)
+def test_grad_is_exactly_the_mixed_gradient_in_our_loop(digits, rule: str, gradient_pass: str) -> None:
+    # two passes: bit for bit; one fused pass (joint forward, batched backward): the same to 1e-6
     torch.manual_seed(0)
     model = MLP(64, 32, 10)
-    plugin = GradientMixingPlugin(rule=rule)
+    plugin = GradientMixingPlugin(rule=rule, gradient_pass=gradient_pass)
     probe = Probe(plugin)
-    trainer = our_trainer(model, [plugin, probe])
+    trainer = our_trainer(model, [probe, plugin])  # the probe snapshots the batch before fused joins it
     trainer.train(digits.train_stream[:2])
-    stale, mixed = count_stale(probe, rule)
+    stale, mixed = count_stale(probe, rule, atol=0.0 if gradient_pass == "two_pass" else 1e-6)
     assert mixed >= 10  # the second experience mixed every step
     assert stale == 0
     # the loop handed the plugin the training minibatch alone (history consumed, not concatenated)
@@ -134,7 +144,7 @@ def test_grad_is_exact_when_the_head_grows(digits) -> None:
     probe = Probe(plugin)
     our_trainer(model, [plugin, probe]).train(digits.train_stream[:2])
     assert model.classifier.n_classes == 4
-    stale, mixed = count_stale(probe, "similarity")
+    stale, mixed = count_stale(probe, DEFAULT_RULE)
     assert mixed > 0 and stale == 0
 
 
@@ -178,7 +188,7 @@ def test_empty_library_leaves_the_loop_gradient_alone(digits) -> None:
     plugin = GradientMixingPlugin()
     probe = Probe(plugin)
     our_trainer(model, [plugin, probe]).train(digits.train_stream[0])
-    assert count_stale(probe, "similarity") == (0, 0)
+    assert count_stale(probe, DEFAULT_RULE) == (0, 0)
     assert plugin.stats == {}
 
 
@@ -203,7 +213,7 @@ def test_parameters_without_gradient_stay_without_gradient(digits) -> None:
     our_trainer(model, [plugin, probe], optimizer=opt).train(digits.train_stream[:2])
     assert model.unused.grad is None and torch.equal(model.unused.detach(), torch.ones(3))
     assert model.frozen.grad is None
-    stale, mixed = count_stale(probe, "similarity")
+    stale, mixed = count_stale(probe, DEFAULT_RULE)
     assert mixed > 0 and stale == 0
 
 
@@ -237,158 +247,6 @@ def test_unknown_rule_names_the_choices() -> None:
         GradientMixingPlugin(rule="cosine")
 
 
-# ---------------------------------------------------------------- gradient diversity policy
-
-class _Strategy:
-    """The two attributes the policy's batched path reads (plus what the loop path needs)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._criterion = nn.CrossEntropyLoss()
-        self.device = torch.device("cpu")
-        self.mbatch = None
-        self.mb_output = None
-
-    def forward(self) -> torch.Tensor:
-        return self.model(self.mbatch[0])
-
-    def criterion(self) -> torch.Tensor:
-        return self._criterion(self.mb_output, self.mbatch[1])
-
-
-def test_policy_is_registered_by_name() -> None:
-    assert isinstance(make_policy("gradient_diversity", max_comparisons=3), GradientDiversityPolicy)
-
-
-def test_per_sample_gradients_match_one_backward_per_sample(digits) -> None:
-    torch.manual_seed(0)
-    model = MLP(64, 16, 10)
-    samples = digits.train_stream[0].dataset
-    idx = torch.arange(5)
-    x, y = samples.x[idx], samples.y[idx]
-    batched = per_sample_gradients(model, nn.CrossEntropyLoss(), x, y)
-    params = list(model.parameters())
-    for i in range(5):
-        loss = nn.CrossEntropyLoss()(model(x[i : i + 1]), y[i : i + 1])
-        expected = flatten_grads(torch.autograd.grad(loss, params), params)
-        assert torch.allclose(batched[i], expected, atol=1e-6)
-    # the general (one sample at a time) path gives the same rows and leaves .grad alone
-    looped = _loop_sample_gradients(_Strategy(model), samples, idx)
-    assert torch.allclose(looped, batched, atol=1e-6)
-    assert all(p.grad is None for p in params)
-
-
-def test_scores_agree_batched_sub_chunked_and_one_sample_at_a_time(digits, monkeypatch) -> None:
-    import strategies.gradient_mixing as gm
-
-    torch.manual_seed(0)
-    model = MLP(64, 16, 10)
-    strategy = _Strategy(model)
-    pool = digits.train_stream[0].dataset
-    policy = GradientDiversityPolicy()
-    refs = policy._gradients(strategy, pool, torch.arange(3))
-    assert refs.shape == (3, sum(p.numel() for p in model.parameters()))
-    cand = torch.arange(10, 17)
-    batched = policy._gradients(strategy, pool, cand, refs)
-    monkeypatch.setattr(gm, "ROW_BUDGET", 2 * refs.shape[1])  # two rows per sub-chunk
-    sub_chunked = policy._gradients(strategy, pool, cand, refs)
-    policy._use_loop = True  # the path for non-tensor samples: one gradient in memory at a time
-    looped = policy._gradients(strategy, pool, cand, refs)
-    assert batched.shape == (7,)
-    assert torch.allclose(sub_chunked, batched, atol=1e-6) and torch.allclose(looped, batched, atol=1e-5)
-    expected = gm.max_cosine(gm.per_sample_gradients(model, nn.CrossEntropyLoss(), pool.x[cand], pool.y[cand]), refs)
-    assert torch.allclose(batched, expected, atol=1e-6)
-
-
-def test_policy_fills_keeps_scores_aligned_and_bounds_comparisons(digits, monkeypatch) -> None:
-    import strategies.gradient_mixing as gm
-
-    rows = []
-    real = gm.per_sample_gradients
-
-    def counting(model, criterion, x, y):
-        rows.append(len(x))
-        return real(model, criterion, x, y)
-
-    monkeypatch.setattr(gm, "per_sample_gradients", counting)
-    torch.manual_seed(0)
-    strategy = _Strategy(MLP(64, 16, 10))
-    policy = GradientDiversityPolicy(max_comparisons=4, chunk_size=16)
-    library = HistoryLibrary(40, policy, seed=0)
-    first, second = digits.train_stream[0].dataset, digits.train_stream[1].dataset
-    library.update(first, strategy=strategy)
-    assert len(library) == 40 and len(policy.scores) == 40
-    assert torch.all(policy.scores.abs() <= 1.0)
-    library.update(second, strategy=strategy)
-    assert len(library) == 40 and len(policy.scores) == 40
-    # cost bound: one gradient per candidate + at most max_comparisons per chunk of 16
-    n_new = len(first) + len(second)
-    chunks = -(-len(first) // 16) + -(-len(second) // 16)
-    assert sum(rows) <= n_new + 4 * chunks
-    # the second experience's classes got in
-    assert set(library.samples.labels.tolist()) >= {2, 3}
-
-
-def test_policy_evicts_redundant_samples_first() -> None:
-    # Library of 20 samples: the first 10 have score 0.9 (redundant), the last 10 score -0.5 (unique).
-    # eviction weights: (0.9+0.5)/(1.4+0.01)+0.01 = 1.003 vs 0.01 -> ~99% of evictions hit the first half.
-    torch.manual_seed(0)
-    model = MLP(4, 8, 3)
-    x = torch.randn(60, 4)
-    y = torch.randint(0, 3, (60,))
-    stored = TensorSamples(x[:20], y[:20])
-    policy = GradientDiversityPolicy(max_comparisons=5, chunk_size=8)
-    library = HistoryLibrary(20, policy, seed=0)
-    library.samples = stored
-    policy.scores = torch.tensor([0.9] * 10 + [-0.5] * 10)
-    library.update(TensorSamples(x[20:], y[20:]), strategy=_Strategy(model))
-    kept = {tuple(r.tolist()) for r in library.samples.x}
-    redundant_kept = sum(tuple(r.tolist()) in kept for r in x[:10])
-    unique_kept = sum(tuple(r.tolist()) in kept for r in x[10:20])
-    assert unique_kept >= 9
-    assert redundant_kept < unique_kept
-
-
-def test_policy_is_deterministic_and_checkpointable(digits, tmp_path: Path) -> None:
-    def fill(seed: int) -> HistoryLibrary:
-        torch.manual_seed(0)
-        library = HistoryLibrary(30, GradientDiversityPolicy(max_comparisons=3), seed=seed)
-        strategy = _Strategy(MLP(64, 16, 10))
-        for exp in digits.train_stream[:2]:
-            library.update(exp.dataset, strategy=strategy)
-        return library
-
-    a, b = fill(0), fill(0)
-    assert torch.equal(a.samples.x, b.samples.x) and torch.equal(a.policy.scores, b.policy.scores)
-    path = tmp_path / "lib.pt"
-    torch.save(a.state_dict(), path)
-    state = torch.load(path, weights_only=True)  # plain tensors only
-    c = HistoryLibrary(30, GradientDiversityPolicy(max_comparisons=3), seed=5)
-    c.load_state_dict(state)
-    assert torch.equal(c.samples.x, a.samples.x) and torch.equal(c.policy.scores, a.policy.scores)
-    assert c.policy.seen == a.policy.seen
-
-
-def test_policy_without_strategy_is_a_clear_error(digits) -> None:
-    library = HistoryLibrary(10, GradientDiversityPolicy())
-    with pytest.raises(ValueError, match="gradient_diversity.*strategy"):
-        library.update(digits.train_stream[0].dataset)
-
-
-def test_gradient_diversity_through_the_classification_runner(tmp_path: Path) -> None:
-    from incremental.config import from_dict
-    from incremental.runners.classification import Config, run
-
-    cfg = from_dict(Config, {"scenario": {"n_experiences": 2}, "train": {"epochs": 1},
-                             "strategy": {"plugins": [{"name": "gradient_mixing"}],
-                                          "history": {"mem_size": 50, "policy": "gradient_diversity",
-                                                      "policy_options": {"max_comparisons": 5}}}})
-    results = run(cfg, tmp_path)
-    assert len(results["accuracy_matrix"]) == 2
-    assert 0.0 <= results["average_accuracy"] <= 1.0
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))  # scores went into a checkpoint
-
-
 # ---------------------------------------------------------------- data parallel bookkeeping
 
 def test_sharded_step_averages_both_gradients_before_mixing(digits, monkeypatch) -> None:
@@ -420,10 +278,11 @@ def test_sharded_step_averages_both_gradients_before_mixing(digits, monkeypatch)
     trainer.mbatch = data.batch(torch.arange(8))
     trainer.mb_history = trainer.history.samples.batch(torch.arange(4))  # this rank's half of 8
     trainer.experience = digits.train_stream[1]
+    plugin = GradientMixingPlugin(rule="pcgrad", gradient_pass="two_pass")
+    plugin.before_training_iteration(trainer)  # takes the step's history batch
     trainer.mb_output = trainer.forward()
     trainer.loss = trainer.criterion()
     trainer.loss.backward()
-    plugin = GradientMixingPlugin(rule="pcgrad")
     plugin.after_backward(trainer)
     n = sum(p.numel() for p in model.parameters())
     local = captured["local"]
@@ -501,3 +360,74 @@ def test_avalanche_example_runs_quick(tmp_path: Path) -> None:
     assert out["library_size"] == 50
     assert out["gradient_stats"][1]["iterations"] > 0
     assert (tmp_path / "gradient_mixing_exp1.png").is_file()
+
+
+# ---------------------------------------------------------------- options and the fused pass
+
+@pytest.mark.parametrize("options,name", [
+    ({"mem_size": -1}, "mem_size"), ({"mem_size": 2.5}, "mem_size"), ({"rule": "cosine"}, "rule"),
+    ({"storage_policy": "newest"}, "storage_policy"), ({"history_batch_size": 0}, "history_batch_size"),
+    ({"seed": "0"}, "seed"), ({"gradient_pass": "three"}, "gradient_pass"), ({"logit_weight": -0.1}, "logit_weight"),
+])
+def test_impossible_options_fail_at_once_naming_the_option(options: dict, name: str) -> None:
+    from incremental.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        GradientMixingPlugin(**options)
+    message = str(info.value)
+    assert message.startswith(f"{name}: ") and "\n" not in message
+
+
+def test_options_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        GradientMixingPlugin("similarity", 200)  # type: ignore[misc]
+
+
+class L2OnTheLoss(Plugin):
+    """A regulariser added to strategy.loss in before_backward, after the mixing plugin's own callback."""
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        strategy.loss = strategy.loss + 0.05 * sum((p ** 2).sum() for p in strategy.model.parameters())
+
+
+@pytest.mark.parametrize("rule", ["similarity", "pcgrad_der"])
+def test_fused_and_two_pass_train_the_same_model(digits, rule: str) -> None:
+    # Same mixed gradient to 1e-6 at every step (here: same weights after two experiences), including a
+    # regulariser another plugin adds after the fused backward ran (it reaches g_t through the loop's backward).
+    def train(gradient_pass: str) -> nn.Module:
+        torch.manual_seed(0)
+        model = MLP(64, 32, 10)
+        plugin = GradientMixingPlugin(rule=rule, gradient_pass=gradient_pass)
+        our_trainer(model, [plugin, L2OnTheLoss()]).train(digits.train_stream[:2])
+        assert len(plugin.stats[1]) > 10
+        return model
+
+    two, fused = train("two_pass"), train("fused")
+    for a, b in zip(two.parameters(), fused.parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_fused_pass_runs_one_forward_over_the_joint_batch(digits) -> None:
+    torch.manual_seed(0)
+    model = MLP(64, 32, 10)
+    forwards: list[int] = []
+    model.register_forward_hook(lambda m, args, out: forwards.append(len(args[0])))
+    steps: list[tuple[list[int], int, int]] = []  # (forwards in the step, transfer size the loop saw, history size)
+
+    class Spy(Plugin):
+        def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+            self.start = len(forwards)
+
+        def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+            self.seen = len(strategy.mb_output)
+
+        def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+            history = strategy.mb_history
+            steps.append((forwards[self.start:], self.seen, 0 if history is None else len(history[0])))
+
+    plugin = GradientMixingPlugin(gradient_pass="fused")
+    our_trainer(model, [Spy(), plugin]).train(digits.train_stream[:2])
+    mixed = [s for s in steps if s[2] > 0]
+    assert len(mixed) == len(plugin.stats[1]) > 10
+    for calls, seen, n_history in mixed:  # one forward over both batches; the loop's loss saw the new part only
+        assert len(calls) == 1 and calls[0] == seen + n_history and seen <= 16

@@ -1,7 +1,8 @@
 """The mixing rules and the gradient-diversity formulas against numbers computed by hand.
 
 Every expected value is worked out in the comment above it; the code under test is
-strategies/gradient_mixing.py (pure functions only, no model, no loop).
+strategies/mixing_rules.py, incremental/flat_gradients.py and incremental/selection.py (pure functions
+only, no model, no loop).
 """
 from __future__ import annotations
 
@@ -10,21 +11,23 @@ import math
 import pytest
 import torch
 
-from strategies.gradient_mixing import (
+from incremental.flat_gradients import GradientBuffers, assign_flat_grad, batched_gradients_into, flatten_grads
+from incremental.selection import herding_order, stratified_ranks
+from strategies.mixing_rules import (
+    HISTORY_LOSSES,
     RULES,
+    TRANSFER_LOSSES,
+    WEIGHTS,
+    asymmetric_cross_entropy,
+    logit_replay_loss,
     Geometry,
-    assign_flat_grad,
-    eviction_weights,
-    flatten_grads,
     gradient_geometry,
-    max_cosine,
     mix,
     mix_agem,
     mix_mega,
     mix_pcgrad,
     mix_similarity,
     mix_sum,
-    replacement_probability,
     weights_similarity,
 )
 
@@ -177,7 +180,7 @@ def test_opposite_gradients() -> None:
     assert close(mix_pcgrad(g_h, g_t).grad, T(0, 0))
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("name", sorted(WEIGHTS))
 def test_zero_gradients_give_finite_results(name: str) -> None:
     # g_h = 0: every rule must return finite weights and g in span(g_t) (no 0/0 anywhere).
     zero, g_t = T(0, 0, 0), T(1, -2, 3)
@@ -199,7 +202,7 @@ def test_similarity_weights_only_need_the_geometry() -> None:
 def test_float32_rules_match_float64() -> None:
     g = torch.Generator().manual_seed(0)
     g_h, g_t = torch.randn(1000, generator=g, dtype=torch.float64), torch.randn(1000, generator=g, dtype=torch.float64)
-    for name in RULES:
+    for name in WEIGHTS:
         exact = mix(name, g_h, g_t, 1.3, 0.7).grad
         single = mix(name, g_h.float(), g_t.float(), 1.3, 0.7).grad
         assert torch.allclose(single.double(), exact, atol=1e-5), name
@@ -225,33 +228,74 @@ def test_flatten_and_assign_round_trip_with_none() -> None:
     assert params[0].grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
 
 
-# ---------------------------------------------------------------- gradient diversity
+# ---------------------------------------------------------------- combined rules: the losses
 
-def test_max_cosine_by_hand() -> None:
-    # candidates c1 = (1, 0), c2 = (0, 2), c3 = (0, 0); references r1 = (1, 1), r2 = (-1, 0)
-    # c1: cos(c1, r1) = 1/sqrt 2, cos(c1, r2) = -1 -> max 0.7071
-    # c2: cos(c2, r1) = 2/(2 sqrt 2) = 0.7071, cos(c2, r2) = 0 -> 0.7071
-    # c3: zero gradient -> 0
-    c = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
-    r = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
-    s = max_cosine(c, r)
-    assert torch.allclose(s, torch.tensor([1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]), atol=1e-7)
-    # no references: nothing to be redundant with -> 0
-    assert torch.equal(max_cosine(c, torch.zeros(0, 2)), torch.zeros(3))
-
-
-def test_eviction_weights_by_hand() -> None:
-    # scores (-0.5, 0.5, 0.0): min -0.5, max 0.5, range + 0.01 = 1.01
-    # (0, 1, 0.5) / 1.01 + 0.01 = (0.01, 0.990099 + 0.01, 0.495050 + 0.01)
-    w = eviction_weights(torch.tensor([-0.5, 0.5, 0.0], dtype=torch.float64))
-    assert torch.allclose(w, T(0.01, 1 / 1.01 + 0.01, 0.5 / 1.01 + 0.01), atol=1e-12)
-    # equal scores: all weights equal the floor (still a valid multinomial)
-    assert torch.allclose(eviction_weights(torch.full((4,), 0.3)), torch.full((4,), 0.01))
+def test_asymmetric_cross_entropy_by_hand() -> None:
+    # logits [[1, 2, 0], [0, 1, 3]], targets [0, 2]: present classes {0, 2}, so class 1 is left out.
+    # row 1: -log(e^1 / (e^1 + e^0)) = log(1 + e^-1) = 0.313262; row 2: -log(e^3 / (e^0 + e^3)) = log(1 + e^-3)
+    # = 0.048587; mean 0.180925. The gradient never reaches class 1's logit.
+    logits = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    loss = asymmetric_cross_entropy(logits, torch.tensor([0, 2]))
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(-3))) / 2
+    assert float(loss) == pytest.approx(expected, abs=1e-12)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(grad[:, 1], torch.zeros(2, dtype=torch.float64))
+    # with every class present it is the plain cross-entropy
+    y = torch.tensor([0, 1, 2])
+    z = torch.randn(3, 3, dtype=torch.float64)
+    assert float(asymmetric_cross_entropy(z, y)) == pytest.approx(float(torch.nn.functional.cross_entropy(z, y)))
 
 
-def test_replacement_probability_by_hand() -> None:
-    # candidate -1 (unique), stored 1 (redundant): (1 + 1) / ((1 - 1) + (1 + 1)) = 1
-    # candidate 0, stored 0: 1 / 2;  candidate 1, stored 0: 1 / (2 + 1) = 1/3
-    # both -1: 0/0 -> 1/2 (no preference)
-    p = replacement_probability(torch.tensor([-1.0, 0.0, 1.0, -1.0]), torch.tensor([1.0, 0.0, 0.0, -1.0]))
-    assert torch.allclose(p, torch.tensor([1.0, 0.5, 1 / 3, 0.5]))
+def test_logit_replay_loss_by_hand_over_the_stored_columns() -> None:
+    # logits (1, 2, 3) against stored (1, 0): the third column (a class added later) is not compared;
+    # mean of (1-1)^2 and (2-0)^2 = 2.
+    assert float(logit_replay_loss(T(1, 2, 3)[None], T(1, 0)[None])) == 2.0
+    with pytest.raises(ValueError, match="stored logits"):
+        logit_replay_loss(T(1, 2)[None], T(1, 2))
+
+
+def test_rule_names_combine_weights_and_losses() -> None:
+    assert set(WEIGHTS) == {"sum", "similarity", "agem", "pcgrad", "mega"}
+    assert len(RULES) == 4 * len(WEIGHTS)
+    assert RULES["pcgrad_ace_der"] is RULES["pcgrad"]
+    assert (TRANSFER_LOSSES["similarity_ace_der"], HISTORY_LOSSES["similarity_ace_der"]) == ("ace", "der")
+    assert (TRANSFER_LOSSES["similarity_der"], HISTORY_LOSSES["similarity_der"]) == ("criterion", "der")
+    assert (TRANSFER_LOSSES["sum"], HISTORY_LOSSES["sum"]) == ("criterion", "criterion")
+
+
+# ---------------------------------------------------------------- library selection: pure functions
+
+def test_herding_order_by_hand() -> None:
+    # unit rows a = (1, 0), b = (0, 1), c = (1, 1)/sqrt 2; mean mu = (0.569, 0.569).
+    # step 0: argmax f . mu -> c (0.805 against 0.569); step 1: f . (2 mu - c) = f . (0.431, 0.431): a and b
+    # tie, the first wins -> a; step 2: 3 mu - c - a = (0, 1) -> b.
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert herding_order(f, 3).tolist() == [2, 0, 1]
+    assert herding_order(f, 1).tolist() == [2]
+    assert herding_order(f * 7.0, 5).tolist() == [2, 0, 1]  # rows are normalised; k is capped at n
+
+
+def test_stratified_ranks_by_hand() -> None:
+    # values 5 1 4 2 3: ascending order of positions 1 3 4 2 0. k = 2 takes ranks floor(0.5 * 5/2) = 1 and
+    # floor(1.5 * 5/2) = 3, i.e. positions 3 and 2 (values 2 and 4); k = 5 takes every rank.
+    v = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert stratified_ranks(v, 2).tolist() == [3, 2]
+    assert stratified_ranks(v, 5).tolist() == [1, 3, 4, 2, 0]
+    assert stratified_ranks(v, 0).tolist() == []
+
+
+# ---------------------------------------------------------------- flat buffers
+
+def test_batched_gradients_equal_two_separate_backward_passes() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    params = list(model.parameters())
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = model(x)
+    ce = torch.nn.functional.cross_entropy
+    loss_h, loss_t = ce(out[:2], y[:2]), ce(out[2:], y[2:])
+    g_h = flatten_grads(torch.autograd.grad(loss_h, params, retain_graph=True), params)
+    g_t = flatten_grads(torch.autograd.grad(loss_t, params, retain_graph=True), params)
+    bufs = GradientBuffers(params)
+    assert batched_gradients_into(bufs, loss_h, loss_t) == [True] * 4
+    assert torch.allclose(bufs.stacked[0], g_h, atol=1e-7) and torch.allclose(bufs.stacked[1], g_t, atol=1e-7)

@@ -19,6 +19,7 @@ RUNNERS: dict[str, str] = {
     "split_cifar10": "incremental.runners.classification",
     "split_cifar100": "incremental.runners.classification",
     "digits_transfer": "incremental.runners.transfer",
+    "fashion_transfer": "incremental.runners.transfer",
     "synthfaces": "incremental.runners.multitask",
     "utkface": "incremental.runners.multitask",
     "csv_multitask": "incremental.runners.multitask",

@@ -29,7 +29,7 @@ from ..trainer import seed_everything
 
 def known_policies() -> list[str]:
     """Storage policies by name (modules that register their own are imported first)."""
-    import strategies.gradient_mixing  # noqa: F401 - registers gradient_diversity
+    import strategies.gradient_mixing  # noqa: F401 - registers herding and loss_stratified (incremental.selection)
 
     return sorted(STORAGE_POLICIES)
 
@@ -41,7 +41,7 @@ class HistoryConfig:
     mem_size: int = 0
     policy: str = "reservoir"
     batch_size: int | None = None  # history minibatch size (default: the training batch size)
-    policy_options: dict[str, Any] = field(default_factory=dict)  # e.g. gradient_diversity's max_comparisons
+    policy_options: dict[str, Any] = field(default_factory=dict)  # passed to the policy constructor
 
     def validate(self) -> None:
         check(self.mem_size >= 0, "strategy.history.mem_size", f"must be >= 0, got {self.mem_size}")

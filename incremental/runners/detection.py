@@ -190,7 +190,8 @@ def legacy(old: dict[str, Any]) -> LegacyUpdate:
 def plugin_hooks(meta_model: nn.Module) -> dict[str, Any]:
     """What detection adds to the registry's plugins: the frozen meta model and the Faster R-CNN
     adapter (its ``pseudo_score`` and ``distill_skip_annotated_new`` options) for pseudo labels and
-    distillation, with the distillation weight measured for the box head."""
+    distillation, with the distillation weight measured for the box head; gradient mixing's rules
+    limited to those a loss-dict output allows."""
     from strategies.registry import FamilyHook
 
     def pseudo_label_distillation(options: dict[str, Any]) -> dict[str, Any]:
@@ -201,9 +202,19 @@ def plugin_hooks(meta_model: nn.Module) -> dict[str, Any]:
                                                     skip_annotated_new=options["distill_skip_annotated_new"]))
         return {"old_model": meta_model, "adapter": adapter, "lambda_distill": DETECTOR_LAMBDA_DISTILL}
 
+    def gradient_mixing(options: dict[str, Any]) -> dict[str, Any]:
+        # The combined rules (*_ace, *_der) replay logits / per-class losses of a classifier's output;
+        # a detector's output is a loss dict, so only the weighting rules apply (default: similarity).
+        from strategies.mixing_rules import WEIGHTS
+
+        check(options["rule"] in WEIGHTS, "rule", f"a detector takes the weighting rules {', '.join(sorted(WEIGHTS))}; "
+                                                  f"got {options['rule']!r}")
+        return {"rule": options["rule"]}
+
     return {"pseudo_label_distillation": FamilyHook(
         pseudo_label_distillation, options={"pseudo_score": float, "distill_skip_annotated_new": bool},
-        defaults={"pseudo_score": 0.5, "distill_skip_annotated_new": False})}
+        defaults={"pseudo_score": 0.5, "distill_skip_annotated_new": False}),
+        "gradient_mixing": FamilyHook(gradient_mixing, options={"rule": str}, defaults={"rule": "similarity"})}
 
 
 # ----------------------------------------------------------------------------- building blocks

@@ -1,4 +1,4 @@
-"""Transfer runs on digits (``scenario.name: digits_transfer``): train the meta model, then adapt it.
+"""Transfer runs (``scenario.name``: ``digits_transfer``, ``fashion_transfer``): train the meta model, then adapt it.
 
 Step 0 trains the meta model on the general scene (the history library, if the strategy has one, is
 filled from it at the end of that step, by the configured storage policy). Step 1 adapts the model on the
@@ -23,26 +23,39 @@ from ..distributed import resolve_device
 from ..metrics import format_matrix, summarize
 from ..plots import bar_chart
 from ..scenarios.digits_transfer import GENERAL, TRANSFER, digits_transfer
+from ..scenarios.fashion_transfer import fashion_transfer
 from ..trainer import Trainer
 from .base import Run, RunConfig, execute
 from .classification import ModelConfig, TrainConfig, build_classifier, make_optimizer
 from .classification import legacy as classification_legacy
 
 
+#: Transfer scenarios by ``scenario.name``.
+SCENARIOS = ("digits_transfer", "fashion_transfer")
+
+
 @dataclass
 class TransferScenarioConfig:
     name: str = "digits_transfer"
     shots: int = 10
-    test_fraction: float = 0.3
-    invert: bool = True
+    test_fraction: float = 0.3  # digits_transfer: held-out share of load_digits
+    invert: bool | None = None  # None: True on digits_transfer, False on fashion_transfer
     rotation: float = 90.0
-    noise_std: float = 0.2
+    noise_std: float | None = None  # None: 0.2 on digits_transfer, 0 on fashion_transfer
+    blur_sigma: float | None = None  # fashion_transfer only: Gaussian blur in pixels (None: 1.0)
+    root: str | None = None  # fashion_transfer: folder of the IDX files (default: Debian's)
 
     def validate(self) -> None:
         # 1797 digits, ~180 per class; the smallest class has >= 120 training images at test_fraction 0.3.
         check(1 <= self.shots <= 100, "scenario.shots", f"must be between 1 and 100 images per class, got {self.shots}")
         check(0.0 < self.test_fraction < 1.0, "scenario.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        digits = self.name == "digits_transfer"
+        for key, on_digits, on_fashion in (("invert", True, False), ("noise_std", 0.2, 0.0), ("blur_sigma", 0.0, 1.0)):
+            if getattr(self, key) is None:  # each scene's own default
+                setattr(self, key, on_digits if digits else on_fashion)
         check(self.noise_std >= 0.0, "scenario.noise_std", f"must be >= 0, got {self.noise_std}")
+        check(self.blur_sigma >= 0.0, "scenario.blur_sigma", f"must be >= 0, got {self.blur_sigma}")
+        check(not digits or self.blur_sigma == 0.0, "scenario.blur_sigma", "digits_transfer has no blur")
 
 
 @dataclass
@@ -67,7 +80,7 @@ class Config(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
-        check(self.scenario.name == "digits_transfer", "scenario.name", "this runner handles digits_transfer")
+        check(self.scenario.name in SCENARIOS, "scenario.name", f"this runner handles {', '.join(SCENARIOS)}")
         check(self.strategy.regime == "incremental", "strategy.regime",
               "a transfer run adapts one model to one new scene; cumulative and joint do not apply")
         check(not self.model.growing_head, "model.growing_head", "both scenes have all 10 classes; use a fixed head")
@@ -86,11 +99,15 @@ class TransferRun(Run):
         super().__init__(cfg, out_dir, progress)
         s = cfg.scenario
         try:
-            self.scenario = digits_transfer(s.shots, test_fraction=s.test_fraction, invert=s.invert,
-                                            rotation=s.rotation, noise_std=s.noise_std, seed=cfg.seed)
+            if s.name == "fashion_transfer":
+                self.scenario = fashion_transfer(s.shots, root=s.root, invert=s.invert, rotation=s.rotation,
+                                                 blur_sigma=s.blur_sigma, noise_std=s.noise_std, seed=cfg.seed)
+            else:
+                self.scenario = digits_transfer(s.shots, test_fraction=s.test_fraction, invert=s.invert,
+                                                rotation=s.rotation, noise_std=s.noise_std, seed=cfg.seed)
         except ValueError as exc:  # e.g. more shots than a class has training images
             raise ConfigError("scenario.shots", str(exc)) from None
-        self.model = build_classifier(cfg.model, self.scenario.n_classes, (64,))
+        self.model = build_classifier(cfg.model, self.scenario.n_classes, self.scenario.input_shape)
         plugins, history = self.make_plugins(), self.make_history()
         g = cfg.general
         general_opt = make_optimizer(dataclasses.replace(cfg.train, lr=g.lr), self.model)
