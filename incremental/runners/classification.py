@@ -66,7 +66,9 @@ def legacy(old: dict[str, Any]) -> LegacyUpdate:
     """The classifiers' old ``strategy.name`` (naive, replay, gradient_mixing, lwf, ewc, cumulative,
     joint) and its flat options, in the new form."""
     update = LegacyUpdate(history=legacy_history(old))
-    options = {"gradient_mixing": take(old, "rule"),
+    if old.get("name") == "gradient_mixing" and "policy" not in update.history:
+        update.history["policy"] = "herding"  # what the old form defaulted to (the measured choice)
+    options = {"gradient_mixing": take(old, "rule", "gradient_pass", "logit_weight"),
                "lwf": {k.removeprefix("lwf_"): v for k, v in take(old, "lwf_alpha", "lwf_temperature").items()},
                "ewc": take(old, "ewc_lambda")}
     update.options = {k: v for k, v in options.items() if v}
