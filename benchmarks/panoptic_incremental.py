@@ -93,6 +93,8 @@ def run_seed(name: str, seed: int, args: argparse.Namespace, out_dir: Path) -> d
             for i in range(1, run.n_steps):
                 run.step(i)
         runs[method] = run
+        if args.save_models:
+            run.save_package(Path(args.save_models) / name / f"seed{seed}" / f"{method}.pt")
         timings[method] = run.train_time_s - base.train_time_s if method in cached else time.perf_counter() - t0
         r = run.records[-1]
         print(f"[{name} seed {seed}] {method:<15} PQ old {fmt(r.get('pq_old'))} new {fmt(r.get('pq_new'))} "
@@ -267,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(ROOT / "runs" / "panoptic_benchmark_data"))
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="trained step-0 and joint models (see panoptic_cache.py)")
     parser.add_argument("--no-cache", action="store_true", help="train the step-0 and joint models anew")
+    parser.add_argument("--save-models", metavar="DIR", help="write every method's final model as DIR/SCENARIO/seedS/METHOD.pt")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "panoptic_incremental.json"))
     args = parser.parse_args(argv)
     for text in args.variant:
