@@ -31,17 +31,35 @@ sys.path.insert(0, str(ROOT))
 from incremental.config import apply_overrides, from_dict, load_yaml  # noqa: E402
 from incremental.io import write_json  # noqa: E402
 from incremental.runners.panoptic import Config, PanopticRun, build_scenario  # noqa: E402
+from panoptic_cache import DEFAULT_CACHE, base_key, cached_steps, joint_key  # noqa: E402
 
-METHODS = ["finetune", "pseudo_labels", "distillation", "pseudo_distill"]
+# method name -> (strategy.name, config overrides); --variant adds more
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "finetune": ("finetune", []),
+    "pseudo_labels": ("pseudo_labels", []),
+    "distillation": ("distillation", []),
+    "pseudo_distill": ("pseudo_distill", []),
+}
+METHODS = list(VARIANTS)
 LABELS = {"finetune": "fine-tuning", "pseudo_labels": "pseudo labels", "distillation": "distillation",
           "pseudo_distill": "pseudo labels + distillation", "joint": "joint (upper bound)"}
 CONFIGS = {"3-2": ROOT / "configs" / "panoptic_shapes_3-2.yaml", "3-1-1": ROOT / "configs" / "panoptic_shapes_3-1-1.yaml"}
 
 
-def load_config(path: Path, overrides: list[str], seed: int, strategy: str, data_dir: Path) -> Config:
-    raw = apply_overrides(load_yaml(path), [*overrides, f"seed={seed}", f"strategy.name={strategy}",
+def load_config(path: Path, overrides: list[str], seed: int, method: str, data_dir: Path) -> Config:
+    strategy, extra = VARIANTS.get(method, (method, []))
+    raw = apply_overrides(load_yaml(path), [*overrides, *extra, f"seed={seed}", f"strategy.name={strategy}",
                                             f"scenario.data_dir={data_dir}", "sample_images=0"])
     return from_dict(Config, raw)
+
+
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """``NAME=STRATEGY[,KEY=VALUE...]`` -> (name, strategy, overrides)."""
+    name, _, rest = text.partition("=")
+    strategy, *overrides = rest.split(",")
+    if not name or strategy not in ("finetune", "pseudo_labels", "distillation", "pseudo_distill"):
+        raise SystemExit(f"--variant {text!r}: expected NAME=STRATEGY[,KEY=VALUE...] with a panoptic strategy name")
+    return name, strategy, overrides
 
 
 def run_seed(name: str, seed: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
@@ -52,24 +70,32 @@ def run_seed(name: str, seed: int, args: argparse.Namespace, out_dir: Path) -> d
     scenario = build_scenario(base_cfg, out_dir)
     timings: dict[str, float] = {"data": time.perf_counter() - start}
 
+    cache = None if args.no_cache else Path(args.cache_dir)
+    cached: list[str] = []
     t0 = time.perf_counter()
     base = PanopticRun(base_cfg, out_dir, scenario=scenario)
-    base.step(0)
-    timings["base"] = time.perf_counter() - t0
-    print(f"[{name} seed {seed}] step 0: PQ all {base.records[0]['pq_all']:.3f} ({timings['base']:.0f} s)", flush=True)
+    if cached_steps(base, base_key(base_cfg), range(1), cache):
+        cached.append("base")
+    timings["base"] = base.train_time_s if "base" in cached else time.perf_counter() - t0
+    print(f"[{name} seed {seed}] step 0: PQ all {base.records[0]['pq_all']:.3f} ({timings['base']:.0f} s"
+          f"{', trained earlier (cache)' if cached else ''})", flush=True)
 
     runs: dict[str, PanopticRun] = {}
-    for method in [*METHODS, "joint"]:
-        if method not in args.methods:
-            continue
+    for method in args.methods:
         t0 = time.perf_counter()
         cfg = load_config(CONFIGS[name], args.set, seed, method, data_dir)
         run = PanopticRun(cfg, out_dir, scenario=scenario)
         run.adopt_base(base)  # joint's step 0 is the same training as the base model's
-        for i in range(1, run.n_steps):
-            run.step(i)
+        if method == "joint":
+            if cached_steps(run, joint_key(cfg), range(1, run.n_steps), cache):
+                cached.append("joint")
+        else:
+            for i in range(1, run.n_steps):
+                run.step(i)
         runs[method] = run
-        timings[method] = time.perf_counter() - t0
+        if args.save_models:
+            run.save_package(Path(args.save_models) / name / f"seed{seed}" / f"{method}.pt")
+        timings[method] = run.train_time_s - base.train_time_s if method in cached else time.perf_counter() - t0
         r = run.records[-1]
         print(f"[{name} seed {seed}] {method:<15} PQ old {fmt(r.get('pq_old'))} new {fmt(r.get('pq_new'))} "
               f"all {fmt(r.get('pq_all'))} ({timings[method]:.0f} s)", flush=True)
@@ -82,6 +108,8 @@ def run_seed(name: str, seed: int, args: argparse.Namespace, out_dir: Path) -> d
     return {
         "seed": seed,
         "timings_s": timings,
+        "from_cache": cached,  # trained by an earlier run of this command (same key); timings are those runs'
+        "plugin": {m: [rec.get("plugin") for rec in run.records[1:]] for m, run in runs.items()},
         "before_update": {k: base.records[0].get(k) for k in ("pq_all", "pq_things", "pq_stuff", "pq_per_class")},
         "methods": {m: {"records": run.records, **{k: v for k, v in run.results().items()
                                                     if k in ("pq_old", "pq_new", "pq_all", "pq_base", "pq_per_class")}}
@@ -231,13 +259,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=["3-2", "3-1-1"], choices=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=[*METHODS, "joint"], choices=[*METHODS, "joint"])
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, "joint"],
+                        help=f"among {', '.join([*METHODS, 'joint'])} and the --variant names")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=STRATEGY[,KEY=VALUE...]",
+                        help="a named method: a strategy with config overrides (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-samples", type=int, default=6)
     parser.add_argument("--data-dir", default=str(ROOT / "runs" / "panoptic_benchmark_data"))
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="trained step-0 and joint models (see panoptic_cache.py)")
+    parser.add_argument("--no-cache", action="store_true", help="train the step-0 and joint models anew")
+    parser.add_argument("--save-models", metavar="DIR", help="write every method's final model as DIR/SCENARIO/seedS/METHOD.pt")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "panoptic_incremental.json"))
     args = parser.parse_args(argv)
+    for text in args.variant:
+        vname, strategy, overrides = parse_variant(text)
+        VARIANTS[vname] = (strategy, overrides)
+        LABELS.setdefault(vname, vname)
+    unknown = [m for m in args.methods if m not in VARIANTS and m != "joint"]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {', '.join([*VARIANTS, 'joint'])}")
     torch.set_num_threads(args.threads)
     args.set = [*args.set, f"train.threads={args.threads}"]
     out_path = Path(args.out)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from incremental.panoptic.criterion import SetCriterion, class_weights, dice_loss, sigmoid_bce_loss
+from incremental.panoptic.criterion import SetCriterion, class_weights, dice_loss, query_class_loss, sigmoid_bce_loss
 from incremental.panoptic.inference import panoptic_from_queries
 from incremental.panoptic.matcher import bce_cost, class_cost, dice_cost, hungarian_match
 from incremental.panoptic.model import NoObjectClassHead, build_panoptic_model
@@ -102,6 +102,41 @@ def test_criterion_by_hand():
     outputs["aux_outputs"] = [{"pred_logits": torch.zeros(1, 2, 2), "pred_masks": torch.zeros(1, 2, 4, 4)}]
     deep = SetCriterion(no_object_weight=0.1, deep_supervision=True)
     assert deep(outputs, one).item() == pytest.approx(2 * (7 * math.log(2) + 40 / 17), abs=1e-5)
+
+
+def test_query_class_loss_unbiased_and_skipped_by_hand():
+    # classes 0, 1, no object (2). q0 [ln 2, 0, 0] -> p = [0.5, 0.25, 0.25], matched to class 0;
+    # q1 [0, 0, 0] -> p = 1/3 each, unmatched (no object, weight 0.1)
+    logits = torch.tensor([[[math.log(2), 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    target = torch.tensor([[0, 2]])
+    weights = class_weights(2, 0.1)
+    unmatched = target == 2
+    # plain: (1 * ln 2 + 0.1 * ln 3) / 1.1 = 0.729099, what F.cross_entropy gives
+    plain = query_class_loss(logits, target, weights)
+    assert plain.item() == pytest.approx((math.log(2) + 0.1 * math.log(3)) / 1.1, abs=1e-6)
+    assert plain.item() == pytest.approx(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, weights).item())
+    # unbiased, class 0 may be unlabelled: q1's loss is -ln(p0 + p_no_object) = -ln(2/3) = 0.405465
+    unbiased = query_class_loss(logits, target, weights, unmatched, torch.tensor([1]))
+    assert unbiased.item() == pytest.approx((math.log(2) + 0.1 * math.log(1.5)) / 1.1, abs=1e-6)
+    # 0 unlabelled classes = plain
+    assert query_class_loss(logits, target, weights, unmatched, torch.tensor([0])).item() == pytest.approx(plain.item())
+    # q1 skipped: only q0 is left, ln 2; a skipped *matched* query still counts
+    skipped = query_class_loss(logits, target, weights, unmatched, None, torch.tensor([[False, True]]))
+    assert skipped.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert query_class_loss(logits, target, weights, unmatched, None, torch.tensor([[True, False]])).item() \
+        == pytest.approx(plain.item())
+
+
+def test_criterion_reads_the_unlabelled_keys_of_targets():
+    outputs = {"pred_logits": torch.zeros(1, 2, 3), "pred_masks": torch.zeros(1, 2, 4, 4), "aux_outputs": []}
+    crit = SetCriterion(no_object_weight=0.1, deep_supervision=False)
+    empty = {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 4, 4, dtype=torch.bool)}
+    # both queries unmatched; plain: ln 3 each; unbiased with 1 old class: -ln(2/3); x class weight 2
+    assert crit(outputs, [empty]).item() == pytest.approx(2 * math.log(3), abs=1e-6)
+    assert crit(outputs, [{**empty, "unlabelled_classes": 1}]).item() == pytest.approx(2 * math.log(1.5), abs=1e-6)
+    # one query skipped: the other one's ln 3 is the mean; both skipped: 0
+    assert crit(outputs, [{**empty, "skip_queries": torch.tensor([True, False])}]).item() == pytest.approx(2 * math.log(3))
+    assert crit(outputs, [{**empty, "skip_queries": torch.tensor([True, True])}]).item() == 0.0
 
 
 def test_criterion_trains_on_full_resolution_targets():

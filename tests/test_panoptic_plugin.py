@@ -13,7 +13,12 @@ from incremental.panoptic.coco import collate_panoptic
 from incremental.panoptic.criterion import SetCriterion
 from incremental.panoptic.model import build_panoptic_model
 from strategies import PseudoLabelDistillationPlugin
-from strategies.pseudo_label_distillation import MaskFormerAdapter, distillation_loss
+from strategies.pseudo_label_distillation import (
+    MaskFormerAdapter,
+    distillation_loss,
+    mask_distillation_loss,
+    no_object_weights,
+)
 
 TINY = dict(n_queries=4, hidden_dim=16, n_layers=1, n_heads=2, ffn_dim=16, mask_dim=16, backbone_channels=[8, 8, 8])
 SIZE = 32
@@ -68,7 +73,8 @@ class LossProbe(Plugin):
 
     def before_backward(self, strategy, **kwargs):
         self.losses.append(float(strategy.loss))
-        self.outputs.append({"pred_logits": strategy.mb_output["pred_logits"].detach().clone()})
+        self.outputs.append({"pred_logits": strategy.mb_output["pred_logits"].detach().clone(),
+                             "pred_masks": strategy.mb_output["pred_masks"].detach().clone()})
 
 
 def trainer_with(plugin, criterion, history=None) -> Trainer:
@@ -116,6 +122,84 @@ def test_switches_for_ablations():
     assert trainer.probe.losses[0] == pytest.approx(criterion.values[0])  # pseudo labels only
     with pytest.raises(ValueError, match="gamma"):
         PseudoLabelDistillationPlugin(gamma=-1.0)
+
+
+def old_logits_and_masks() -> tuple[torch.Tensor, torch.Tensor]:
+    out = FixedOldModel()(torch.zeros(2, 3, SIZE, SIZE))
+    return out["pred_logits"].reshape(-1, 3), out["pred_masks"].reshape(8, -1)
+
+
+@pytest.mark.parametrize("claimed", ["skip", "no_object"])
+def test_claimed_queries_are_skipped_or_distilled_to_no_object(claimed):
+    # FixedOldModel's query 1 lies exactly on the ground-truth object: the ground truth claims it
+    criterion = RecordingCriterion()
+    trainer = trainer_with(PseudoLabelDistillationPlugin(FixedOldModel(), claimed_queries=claimed), criterion)
+    trainer.train(Experience(samples(2, 2), 1, [2]))
+    old, _ = old_logits_and_masks()
+    new = trainer.probe.outputs[0]["pred_logits"].reshape(-1, 4)
+    rows = torch.tensor([False, True, False, False] * 2)
+    if claimed == "skip":
+        distill = distillation_loss(old, new, [0, 1], 2, 3, row_mask=~rows)
+    else:
+        distill = distillation_loss(old, new, [0, 1], 2, 3, to_no_object=rows)
+    assert trainer.probe.losses[0] == pytest.approx(criterion.values[0] + float(distill), rel=1e-5)
+    plain = distillation_loss(old, new, [0, 1], 2, 3)
+    assert float(distill) != pytest.approx(float(plain))
+
+
+def test_unlabelled_queries_reach_the_criterion():
+    for mode, expected in (("unbiased", {"unlabelled_classes": 2}),
+                           ("skip", {"skip_queries": [True, False, False, False]})):  # q0 saw an unclaimed old object
+        criterion = RecordingCriterion()
+        trainer = trainer_with(PseudoLabelDistillationPlugin(FixedOldModel(), unlabelled_queries=mode), criterion)
+        trainer.train(Experience(samples(2, 2), 1, [2]))
+        for target in criterion.targets[0]:
+            (key, value), = expected.items()
+            assert (target[key].tolist() if isinstance(target[key], torch.Tensor) else target[key]) == value
+            assert target["labels"].tolist() == [2, 0]  # the pseudo labels are still there
+    criterion = RecordingCriterion()
+    trainer = trainer_with(PseudoLabelDistillationPlugin(FixedOldModel()), criterion)
+    trainer.train(Experience(samples(2, 2), 1, [2]))
+    assert not any("skip_queries" in t or "unlabelled_classes" in t for t in criterion.targets[0])
+
+
+def test_mask_distillation_is_added_with_its_weight():
+    criterion = RecordingCriterion()
+    plugin = PseudoLabelDistillationPlugin(FixedOldModel(), lambda_distill=0.0, lambda_mask=3.0)
+    trainer = trainer_with(plugin, criterion)
+    trainer.train(Experience(samples(2, 2), 1, [2]))
+    old, old_masks = old_logits_and_masks()
+    new_masks = trainer.probe.outputs[0]["pred_masks"].reshape(8, -1)
+    weights = no_object_weights(old.softmax(-1)[:, 2])
+    expected = criterion.values[0] + 3.0 * float(mask_distillation_loss(old_masks, new_masks, weights))
+    assert trainer.probe.losses[0] == pytest.approx(expected, rel=1e-5)
+    assert plugin.summary()["mean_mask_distillation_loss"] > 0
+
+
+def test_deep_distillation_pairs_every_decoder_stage():
+    torch.manual_seed(1)
+    old = build_panoptic_model(n_classes=2, **{**TINY, "n_layers": 2})
+    adapter = MaskFormerAdapter(distill_aux=True)
+
+    class Strategy:
+        mb_x = torch.rand(2, 3, SIZE, SIZE)
+        mbatch = [mb_x, [new_object_sample()[1], new_object_sample()[1]]]
+
+    strategy = Strategy()
+    prediction = adapter.predict(old, strategy)
+    current = build_panoptic_model(n_classes=3, **{**TINY, "n_layers": 2})
+    strategy.mb_output = current(strategy.mb_x)
+    pairs = adapter.distillation_pairs(prediction, strategy, old)
+    assert len(pairs) == 3  # the query features before the first layer, after layer 1, after layer 2
+    assert [tuple(p.new_logits.shape) for p in pairs] == [(8, 4)] * 3
+    assert len(MaskFormerAdapter().distillation_pairs(prediction, strategy, old)) == 1
+
+
+def test_plugin_options_are_validated():
+    for kwargs, name in (({"lambda_mask": -1.0}, "lambda_mask"), ({"claimed_queries": "drop"}, "claimed_queries"),
+                         ({"unlabelled_queries": "ignore"}, "unlabelled_queries"), ({"gamma": -1.0}, "gamma")):
+        with pytest.raises(ValueError, match=name):
+            PseudoLabelDistillationPlugin(**kwargs)
 
 
 def test_first_experience_without_old_model_is_plain_training_then_snapshot():

@@ -11,8 +11,10 @@ from incremental.panoptic.pseudo_labels import (
     drop_masks_matching_ground_truth,
     drop_shrunk_masks,
     make_pseudo_labels,
+    mask_ioa,
     mask_iou,
     merge_stuff_masks,
+    pseudo_label_stages,
     remove_ground_truth_pixels,
     remove_noise_pixels,
     resolve_contested_pixels,
@@ -22,7 +24,9 @@ from strategies.pseudo_label_distillation import (
     distillation_loss,
     divergence,
     fold_probabilities,
+    mask_distillation_loss,
     no_object_weights,
+    relabel_as_no_object,
     weighted_mean,
 )
 
@@ -66,6 +70,15 @@ def test_drop_masks_matching_ground_truth():
     assert drop_masks_matching_ground_truth(torch.stack([m0, m1]), gt[None], 0.8).tolist() == [True, True]
     # no ground truth: nothing dropped
     assert drop_masks_matching_ground_truth(torch.stack([m0, m1]), gt[None][:0], 0.5).tolist() == [True, True]
+
+
+def test_claim_by_intersection_over_the_mask_area():
+    a = b([[1, 1, 0, 0]])[None]  # half of it inside g
+    g = b([[0, 1, 1, 1]])[None]
+    assert mask_ioa(a, g).item() == pytest.approx(0.5)  # IoU would be 1/4
+    assert mask_ioa(torch.zeros(1, 1, 4, dtype=torch.bool), g).item() == 0.0
+    assert drop_masks_matching_ground_truth(a, g, 0.4, claim="iou").tolist() == [True]
+    assert drop_masks_matching_ground_truth(a, g, 0.4, claim="ioa").tolist() == [False]
 
 
 # ----------------------------------------------------------------------------- c
@@ -136,6 +149,25 @@ def test_make_pseudo_labels_by_hand():
     assert masks.tolist() == [[[True, True, True, True, False, False]]]
 
 
+def test_pseudo_label_stages_show_what_each_step_removed():
+    # the case of test_make_pseudo_labels_by_hand, stage by stage
+    class_probs = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8], [0.9, 0.05, 0.05]])
+    mask_probs = torch.tensor([[0.9, 0.9, 0.9, 0.9, 0.6, 0.1], [0.1, 0.1, 0.1, 0.1, 0.9, 0.9],
+                               [0.9, 0.9, 0.9, 0.9, 0.9, 0.9], [0.0, 0.0, 0.0, 0.0, 0.0, 0.9]])[:, None, :]
+    gt = b([[0, 0, 0, 0, 0, 1]])[None]
+    stages = pseudo_label_stages(class_probs, mask_probs, gt, n_old_classes=2)
+    assert stages["a"][0].tolist() == [0, 1, 0]  # q0, q1, q3 (q2 is no object)
+    assert stages["b"][0].tolist() == [0, 1]  # q3 is the ground truth's object
+    assert stages["d"][1][:, 0].tolist() == [[True, True, True, True, False, False],
+                                             [False, False, False, False, True, False]]
+    assert stages["f"][0].tolist() == [0]  # q1 kept 1 of its 2 pixels
+    # keeping masks that kept >= half their pixels keeps q1's fragment
+    labels, _ = make_pseudo_labels(class_probs, mask_probs, gt, 2, PseudoLabelConfig(min_keep_fraction=0.5))
+    assert labels.tolist() == [0, 1]
+    # a score threshold of 0.7 drops q1 already at a
+    assert pseudo_label_stages(class_probs, mask_probs, gt, 2, PseudoLabelConfig(score_threshold=0.7))["a"][0].tolist() == [0, 0]
+
+
 def test_make_pseudo_labels_empty_when_old_model_sees_nothing():
     class_probs = torch.tensor([[0.1, 0.1, 0.8]])
     labels, masks = make_pseudo_labels(class_probs, torch.ones(1, 2, 2), torch.zeros(0, 2, 2, dtype=torch.bool), 2)
@@ -147,6 +179,8 @@ def test_pseudo_label_config_rejects_impossible_values():
         PseudoLabelConfig(iou_threshold=1.5).validate()
     with pytest.raises(ValueError, match="max_owners"):
         PseudoLabelConfig(max_owners=0).validate()
+    with pytest.raises(ValueError, match="claim"):
+        PseudoLabelConfig(claim="dice").validate()  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -201,6 +235,33 @@ def test_distillation_loss_by_hand():
     # gamma 2: weights 0.5625 and 0.0625 (sum 0.625): (0.5625 * 0.130812 + 0.0625 * 0.016417) / 0.625 = 0.119372
     loss2 = distillation_loss(old, new.detach(), [0], 1, 2, gamma=2.0, kind="kl")
     assert loss2.item() == pytest.approx(0.119372, abs=1e-5)
+
+
+def test_claimed_rows_are_distilled_towards_no_object_by_hand():
+    relabelled = relabel_as_no_object(torch.tensor([[0.6, 0.4], [0.3, 0.7]]), torch.tensor([True, False]))
+    assert relabelled.flatten().tolist() == pytest.approx([0.0, 1.0, 0.3, 0.7])
+    # the case of test_distillation_loss_by_hand with q0's teacher replaced by "no object":
+    # KL q0 = 1 ln(1 / 0.5) = 0.693147 at weight 0.75 (the old model saw an object there);
+    # q1 unchanged: 0.016417 at weight 0.25 -> 0.75 * 0.693147 + 0.25 * 0.016417 = 0.523965
+    old = torch.tensor([[math.log(3), 0.0], [0.0, math.log(3)]])
+    new = torch.tensor([[math.log(2), 0.0, 0.0], [0.0, 0.0, 0.0]])
+    loss = distillation_loss(old, new, [0], 1, 2, to_no_object=torch.tensor([True, False]))
+    assert loss.item() == pytest.approx(0.523965, abs=1e-5)
+    with pytest.raises(ValueError, match="last column"):
+        distillation_loss(old, new, [1], 0, 2, to_no_object=torch.tensor([True, False]))
+
+
+def test_mask_distillation_loss_by_hand():
+    # row 0: old logits 0 -> target 0.5; new logits [0, ln 3]:
+    # BCE(0, 0.5) = ln 2 = 0.693147; BCE(ln 3, 0.5) = ln 4 - 0.5 ln 3 = 0.836988 -> mean 0.765068
+    # row 1: old logits 10 (target 0.99995), new 0 -> BCE = ln 2 = 0.693147
+    old = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    new = torch.tensor([[0.0, math.log(3)], [0.0, 0.0]], requires_grad=True)
+    assert mask_distillation_loss(old, new, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.765068, abs=1e-5)
+    loss = mask_distillation_loss(old, new, torch.tensor([1.0, 1.0]))
+    assert loss.item() == pytest.approx((0.765068 + 0.693147) / 2, abs=1e-5)
+    loss.backward()
+    assert new.grad is not None and new.grad[1].abs().sum() > 0
 
 
 def test_ground_truth_removal_after_the_shrink_test_keeps_the_fragment():

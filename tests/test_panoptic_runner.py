@@ -60,7 +60,18 @@ def test_same_seed_same_numbers_and_resume_continues_identically(tiny_config, tm
     assert resumed["pq_all"] == first["pq_all"] and resumed["pq_per_class"] == first["pq_per_class"]
 
 
+def test_extension_options_reach_the_plugin(tiny_config, tmp_path):
+    res = run_cli(tiny_config, tmp_path / "out", "--set", "strategy.lambda_mask=1", "--set", "strategy.distill_aux=true",
+                  "--set", "strategy.claimed_queries=no_object", "--set", "strategy.unlabelled_queries=skip",
+                  "--set", "strategy.pseudo.claim=ioa", "--set", "sample_images=0")
+    summary = res["step_results"][1]["plugin"]
+    assert summary["mean_mask_distillation_loss"] >= 0 and summary["mean_distillation_loss"] >= 0
+
+
 @pytest.mark.parametrize("override, message", [
+    ("strategy.claimed_queries=drop", "strategy.claimed_queries: must be one of"),
+    ("strategy.pseudo.claim=dice", "strategy.pseudo.claim: must be one of"),
+    ("strategy.lambda_mask=-1", "strategy.lambda_mask: must be >= 0"),
     ("strategy.gamma=-1", "strategy.gamma: must be >= 0"),
     ("scenario.steps=[[circle]]", "scenario.steps: needs the old classes and at least one new step"),
     ("scenario.steps=[[circle],[hexagon]]", "scenario.steps: unknown classes ['hexagon']"),

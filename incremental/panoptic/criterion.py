@@ -6,6 +6,12 @@ target's class and mask; unmatched queries learn "no object", down-weighted by
 ``no_object_weight`` (0.1) because most queries are unmatched and would otherwise teach the model to
 predict nothing. Mask losses are summed over matches and divided by the number of target segments
 in the batch.
+
+Targets of an incremental update may say where "no object" is not known to be right (the plugin of
+``strategies/pseudo_label_distillation.py`` sets them; a target without them is trained as usual):
+``"unlabelled_classes"`` (int K): the image may hold unlabelled objects of classes 0..K-1, so an
+unmatched query is right with no object *or* any of them (the unbiased cross-entropy of MiB and
+CoMFormer); ``"skip_queries"`` ((N,) bool): unmatched queries left out of the class loss.
 """
 from __future__ import annotations
 
@@ -57,6 +63,34 @@ def downsample_targets(targets: list[dict[str, Any]], size: Sequence[int]) -> li
     return out
 
 
+def query_class_loss(logits: torch.Tensor, target_classes: torch.Tensor, weights: torch.Tensor,
+                     unmatched: torch.Tensor | None = None, unlabelled_classes: torch.Tensor | None = None,
+                     skip: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted cross-entropy over queries, ``sum_q w_q l_q / sum_q w_q`` with ``w_q = weights[target_q]``
+    (``F.cross_entropy``'s weighted mean), where for an ``unmatched`` query (target = no object) of image
+    b the loss is ``-log(p(no object) + sum_{c < unlabelled_classes[b]} p(c))`` and a ``skip`` query
+    has weight 0.
+
+    ``logits`` (B, N, C+1), ``target_classes`` (B, N), ``weights`` (C+1,), ``unmatched`` and ``skip``
+    (B, N) bool, ``unlabelled_classes`` (B,) long (0: plain cross-entropy for that image).
+    """
+    log_p = logits.float().log_softmax(-1)
+    nll = -log_p.gather(-1, target_classes[..., None])[..., 0]
+    w = weights[target_classes]
+    if unmatched is not None and unlabelled_classes is not None and bool((unlabelled_classes > 0).any()):
+        n_classes = logits.shape[-1] - 1
+        column = torch.arange(n_classes + 1, device=logits.device)
+        allowed = (column[None, :] < unlabelled_classes[:, None]) | (column[None, :] == n_classes)  # (B, C+1)
+        log_either = torch.logsumexp(log_p.masked_fill(~allowed[:, None, :], float("-inf")), -1)
+        nll = torch.where(unmatched & (unlabelled_classes[:, None] > 0), -log_either, nll)
+    if skip is not None and unmatched is not None:
+        w = w * ~(skip & unmatched)
+    total = w.sum()
+    if float(total) <= 0.0:
+        return (nll * 0.0).sum()
+    return (w * nll).sum() / total
+
+
 class SetCriterion:
     """``criterion(outputs, targets) -> loss``: the loop's criterion for the panoptic model.
 
@@ -96,8 +130,16 @@ class SetCriterion:
             target_classes[b, qi] = targets[b]["labels"][ti]
             src_masks.append(mask_logits[b, qi])
             tgt_masks.append(targets[b]["masks"][ti])
-        loss_class = F.cross_entropy(logits.transpose(1, 2), target_classes,
-                                     class_weights(n_classes, self.no_object_weight, logits.device))
+        weights = class_weights(n_classes, self.no_object_weight, logits.device)
+        if any("unlabelled_classes" in t or "skip_queries" in t for t in targets):
+            unmatched = target_classes == n_classes
+            unlabelled = torch.tensor([int(t.get("unlabelled_classes", 0)) for t in targets], device=logits.device)
+            skip = torch.stack([t["skip_queries"].to(logits.device) if "skip_queries" in t
+                                else torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+                                for t in targets])
+            loss_class = query_class_loss(logits, target_classes, weights, unmatched, unlabelled, skip)
+        else:
+            loss_class = F.cross_entropy(logits.transpose(1, 2), target_classes, weights)
         n_targets = max(sum(len(t["labels"]) for t in targets), 1)
         if src_masks:
             tgt = torch.cat(tgt_masks)

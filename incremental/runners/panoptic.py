@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..buffer import HistoryLibrary
 from ..config import check
 from ..data import ListSamples
+from ..panoptic.pseudo_labels import PseudoLabelConfig
 from ..panoptic.training import PanopticTrainer, ScheduleAndClip, make_optimizer
 from ..trainer import seed_everything
 
@@ -86,35 +87,23 @@ class ScenarioConfig:
 
 
 @dataclass
-class PseudoConfig:
-    score_threshold: float = 0.0
-    mask_threshold: float = 0.5
-    iou_threshold: float = 0.5
-    max_owners: int = 1
-    min_keep_fraction: float = 0.8
-    ground_truth_before_shrink: bool = True
-
-    def validate(self) -> None:
-        for name in ("score_threshold", "mask_threshold", "iou_threshold", "min_keep_fraction"):
-            value = getattr(self, name)
-            check(0.0 <= value <= 1.0, f"strategy.pseudo.{name}", f"must be in [0, 1], got {value}")
-        check(self.max_owners >= 1, "strategy.pseudo.max_owners", f"must be >= 1, got {self.max_owners}")
-
-
-@dataclass
 class StrategyConfig:
     name: Literal["finetune", "pseudo_labels", "distillation", "pseudo_distill", "joint"] = "pseudo_distill"
     lambda_distill: float = 1.0
     gamma: float = 1.0
     divergence: Literal["kl", "ce"] = "kl"
     temperature: float = 1.0
-    distill_gt_matches: bool = True  # False: no distillation on queries whose old mask matches ground truth
-    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    lambda_mask: float = 0.0  # weight of the mask distillation (0: class probabilities only)
+    distill_aux: bool = False  # also distil every earlier decoder stage (deep supervision)
+    claimed_queries: Literal["distil", "skip", "no_object"] = "distil"  # old queries on a ground-truth object
+    unlabelled_queries: Literal["no_object", "unbiased", "skip"] = "no_object"  # unmatched queries' class loss
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     mem_size: int = 0
     history_batch_size: int | None = None
 
     def validate(self) -> None:
         check(self.lambda_distill >= 0, "strategy.lambda_distill", f"must be >= 0, got {self.lambda_distill}")
+        check(self.lambda_mask >= 0, "strategy.lambda_mask", f"must be >= 0, got {self.lambda_mask}")
         check(self.gamma >= 0, "strategy.gamma", f"must be >= 0, got {self.gamma}")
         check(self.temperature > 0, "strategy.temperature", f"must be > 0, got {self.temperature}")
         check(self.mem_size >= 0, "strategy.mem_size", f"must be >= 0, got {self.mem_size}")
@@ -243,14 +232,14 @@ class PanopticRun:
         flags = STRATEGIES[cfg.strategy.name]
         if flags is not None and any(flags):
             from strategies.pseudo_label_distillation import PseudoLabelDistillationPlugin
-            from ..panoptic.pseudo_labels import PseudoLabelConfig
 
             st = cfg.strategy
             self.plugin = PseudoLabelDistillationPlugin(
                 pseudo_labels=flags[0], distillation=flags[1], lambda_distill=st.lambda_distill, gamma=st.gamma,
-                divergence=st.divergence, temperature=st.temperature,
-                pseudo_config=PseudoLabelConfig(**asdict(st.pseudo)), stuff_classes=self.scenario.stuff_classes,
-                distill_gt_matches=st.distill_gt_matches)
+                divergence=st.divergence, temperature=st.temperature, lambda_mask=st.lambda_mask,
+                distill_aux=st.distill_aux, claimed_queries=st.claimed_queries,
+                unlabelled_queries=st.unlabelled_queries, pseudo_config=st.pseudo,
+                stuff_classes=self.scenario.stuff_classes)
             plugins.append(self.plugin)
         history = HistoryLibrary(cfg.strategy.mem_size, "reservoir", seed=cfg.seed) if cfg.strategy.mem_size else None
         self._groups: dict[str, list[int]] = {}
