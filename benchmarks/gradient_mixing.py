@@ -48,7 +48,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from incremental.buffer import HistoryLibrary  # noqa: E402
-from incremental.config import from_dict  # noqa: E402
 from incremental.io import write_json  # noqa: E402
 from incremental.metrics import summarize  # noqa: E402
 from incremental.data import Experience, TensorSamples  # noqa: E402
@@ -76,9 +75,9 @@ def log(msg: str, quiet: bool) -> None:
 
 def ours_split(name: str, seed: int, mem: int, rule: str | None = None, policy: str | None = None,
                lr: float | None = None, epochs: int | None = None) -> dict[str, Any]:
-    from incremental.runners.classification import ClassificationRun, Config
+    from incremental.runners.classification import ClassificationRun, config_from
 
-    cfg = from_dict(Config, {
+    cfg = config_from({
         "seed": seed, "scenario": {"n_experiences": N_EXP},
         "strategy": {"name": name, "mem_size": mem, "rule": rule, "storage_policy": policy},
         "train": {"epochs": epochs or EPOCHS, "batch_size": BATCH, "lr": lr or LR, "threads": 1},
@@ -237,18 +236,19 @@ def transfer_seed(scenario: str, seed: int, shots: int, mem: int, steps: int) ->
     """
     import copy
 
-    from incremental.runners.transfer import Config, TransferRun
+    from incremental.runners.base import config_from_raw
+    from incremental.runners.transfer import Config, TransferRun, legacy
 
     shipped = transfer_config(scenario)
     per_epoch = math.ceil(10 * shots / BATCH)  # both scenes have 10 classes
     meta: tuple[dict[str, Any], list[list[float]], list[float]] | None = None
     out = {}
     for label, strategy in transfer_plan(scenario, shots):
-        cfg = from_dict(Config, {
+        cfg = config_from_raw(Config, {
             **shipped, "seed": seed, "scenario": {**shipped["scenario"], "shots": shots},
             "strategy": {"mem_size": mem, **strategy},
             "train": {**shipped["train"], "epochs": math.ceil(steps / per_epoch), "batch_size": BATCH, "threads": 1},
-        })
+        }, legacy, quiet=True)
         runner = TransferRun(cfg)
         if meta is None:
             runner.step(0)

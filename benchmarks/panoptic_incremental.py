@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from incremental.config import apply_overrides, from_dict, load_yaml  # noqa: E402
+from incremental.config import apply_overrides, load_yaml  # noqa: E402
 from incremental.io import write_json  # noqa: E402
-from incremental.runners.panoptic import Config, PanopticRun, build_scenario  # noqa: E402
+from incremental.runners.panoptic import Config, PanopticRun, build_scenario, config_from  # noqa: E402
 from panoptic_cache import DEFAULT_CACHE, base_key, cached_steps, joint_key  # noqa: E402
 
 # method name -> (strategy.name, config overrides); --variant adds more
@@ -50,7 +50,7 @@ def load_config(path: Path, overrides: list[str], seed: int, method: str, data_d
     strategy, extra = VARIANTS.get(method, (method, []))
     raw = apply_overrides(load_yaml(path), [*overrides, *extra, f"seed={seed}", f"strategy.name={strategy}",
                                             f"scenario.data_dir={data_dir}", "sample_images=0"])
-    return from_dict(Config, raw)
+    return config_from(raw)
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str]]:

@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from incremental.config import apply_overrides, from_dict, load_yaml  # noqa: E402
+from incremental.config import apply_overrides, load_yaml  # noqa: E402
 from incremental.io import write_json  # noqa: E402
 from incremental.panoptic.pseudo_labels import PseudoLabelConfig  # noqa: E402
-from incremental.runners.panoptic import Config, PanopticRun, build_scenario  # noqa: E402
+from incremental.runners.panoptic import Config, PanopticRun, build_scenario, config_from  # noqa: E402
 from panoptic_cache import DEFAULT_CACHE, base_key, cached_steps  # noqa: E402
 
 STAGES = ["a", "b", "d", "f"]
@@ -198,7 +198,7 @@ def seed_data(seed: int, args: argparse.Namespace) -> SeedData:
     raw = apply_overrides(load_yaml(ROOT / "configs" / "panoptic_shapes_3-2.yaml"),
                           [*args.set, f"seed={seed}", f"scenario.data_dir={data_dir}", "strategy.name=finetune",
                            "sample_images=0"])
-    cfg = from_dict(Config, raw)
+    cfg = config_from(raw)
     scenario = build_scenario(cfg, data_dir)
     run = PanopticRun(cfg, data_dir, scenario=scenario)
     cached_steps(run, base_key(cfg), range(1), None if args.no_cache else Path(args.cache_dir))

@@ -104,7 +104,7 @@ def make_model(seed: int) -> nn.Module:
 def ours(strategy: str, seed: int, epochs: int, mem: int, rule: str | None = None, policy: str | None = None,
          draw: int | None = None, gradient_pass: str = "auto", lr: float = LR, **options: Any) -> dict[str, Any]:
     """One run through ClassificationRun; ``draw`` re-seeds only the history library's generator."""
-    cfg = from_dict(classification.Config, {
+    cfg = classification.config_from({
         "seed": seed, "scenario": scenario_options(seed),
         "strategy": {"name": strategy, "mem_size": mem, "rule": rule, "storage_policy": policy,
                      "gradient_pass": gradient_pass, **options},

@@ -104,7 +104,7 @@ def run_once(data: Path, out: Path, workers: int, seed: int) -> dict:
         "scenario": {"name": "class_incremental", "source": "imagefolder", "root": str(data), "test_fraction": 0.1,
                      "n_experiences": 5, "transforms": {"resize": [64, 64], "random_crop": {"padding": 4},
                                                         "horizontal_flip": 0.5}},
-        "strategy": {"name": "replay", "mem_size": 500},
+        "strategy": {"plugins": [{"name": "replay"}], "history": {"mem_size": 500}},
         "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "num_workers": workers, "eval_batch_size": 256},
         "model": {"name": "mlp", "hidden_size": 64},
     }

@@ -69,7 +69,7 @@ def small(root: Path, **strategy) -> Config:
     return from_dict(Config, {
         "scenario": {"name": "fashion_transfer", "shots": 2, "root": str(root)},
         "general": {"epochs": 1, "batch_size": 8},
-        "strategy": {"name": "gradient_mixing", "mem_size": 20, **strategy},
+        "strategy": {"plugins": [{"name": "gradient_mixing", **strategy}], "history": {"mem_size": 20, "policy": "herding"}},
         "train": {"epochs": 3, "batch_size": 8},
         "model": {"name": "mlp", "hidden_size": 16, "hidden_layers": 2},
     })
@@ -100,7 +100,8 @@ def test_shipped_config_validates() -> None:
     from incremental.cli import prepare_run
 
     _, cfg, _ = prepare_run(str(REPO / "configs" / "fashion_transfer.yaml"), [])
-    assert cfg.scenario.name == "fashion_transfer" and cfg.strategy.name == "gradient_mixing"
+    assert cfg.scenario.name == "fashion_transfer" and cfg.strategy.names() == ["gradient_mixing"]
+    assert cfg.strategy.history.policy == "herding"
 
 
 def test_split_fashion_mnist_config_takes_the_quickstart_overrides() -> None:
@@ -109,6 +110,6 @@ def test_split_fashion_mnist_config_takes_the_quickstart_overrides() -> None:
     sets = ["seed=3", "scenario.class_order=[9,8,7,6,5,4,3,2,1,0]", "strategy.name=replay", "strategy.mem_size=500",
             "train.epochs=3", "train.batch_size=64", "train.lr=0.01", "model.name=mlp", "model.hidden_layers=3"]
     _, cfg, _ = prepare_run(str(REPO / "configs" / "split_fashion_mnist.yaml"), sets)
-    assert (cfg.seed, cfg.scenario.class_order, cfg.strategy.name, cfg.strategy.mem_size) == \
-        (3, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0], "replay", 500)
+    assert (cfg.seed, cfg.scenario.class_order, cfg.strategy.names(), cfg.strategy.history.mem_size) == \
+        (3, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0], ["replay"], 500)
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.model.hidden_layers) == (3, 64, 0.01, 3)

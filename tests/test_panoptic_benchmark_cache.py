@@ -7,13 +7,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from incremental.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from incremental.runners.panoptic import Config  # noqa: E402
+from incremental.config import apply_overrides, load_yaml  # noqa: E402
+from incremental.runners.panoptic import Config, config_from  # noqa: E402
 from panoptic_cache import base_key, joint_key  # noqa: E402
 
 
 def config(name: str, *overrides: str) -> Config:
-    return from_dict(Config, apply_overrides(load_yaml(ROOT / "configs" / name), list(overrides)))
+    return config_from(apply_overrides(load_yaml(ROOT / "configs" / name), list(overrides)))
 
 
 def test_step0_model_is_shared_by_both_scenarios_and_ignores_the_update_settings():

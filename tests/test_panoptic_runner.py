@@ -69,10 +69,15 @@ def test_extension_options_reach_the_plugin(tiny_config, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("strategy.claimed_queries=drop", "strategy.claimed_queries: must be one of"),
-    ("strategy.pseudo.claim=dice", "strategy.pseudo.claim: must be one of"),
-    ("strategy.lambda_mask=-1", "strategy.lambda_mask: must be >= 0"),
-    ("strategy.gamma=-1", "strategy.gamma: must be >= 0"),
+    # the old flat keys reach the plugin's entry: the error names the new key
+    ("strategy.claimed_queries=drop", "strategy.plugins[0].claimed_queries: must be one of"),
+    ("strategy.pseudo.claim=dice", "strategy.plugins[0].pseudo.claim: must be one of"),
+    ("strategy.lambda_mask=-1", "strategy.plugins[0].lambda_mask: must be >= 0"),
+    ("strategy.gamma=-1", "strategy.plugins[0].gamma: must be >= 0"),
+    ("strategy={plugins: [{name: pseudo_label_distillation, pseudo: {claim: dice}}]}",
+     "strategy.plugins[0].pseudo.claim: must be one of"),
+    ("strategy={plugins: [{name: pseudo_label_distillation, lamda: 1}]}", "strategy.plugins[0].lamda: unknown option"),
+    ("strategy={regime: cumulative}", "strategy.regime: panoptic runs take incremental"),
     ("scenario.steps=[[circle]]", "scenario.steps: needs the old classes and at least one new step"),
     ("scenario.steps=[[circle],[hexagon]]", "scenario.steps: unknown classes ['hexagon']"),
     ("scenario.train_images=[8]", "scenario.train_images: needs one count per step"),
@@ -83,6 +88,21 @@ def test_extension_options_reach_the_plugin(tiny_config, tmp_path):
 def test_bad_config_values_are_one_line_errors(tiny_config, tmp_path, capsys, override, message):
     assert main(["run", str(tiny_config), "--out", str(tmp_path / "x"), "--quiet", "--set", override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_old_strategy_names_become_plugins_and_regimes():
+    from incremental.runners.panoptic import config_from
+
+    def strategy(**old):
+        return config_from({"strategy": old}).strategy
+
+    assert strategy(name="finetune").plugins == [] and strategy(name="joint").regime == "joint"
+    full = strategy(name="pseudo_distill", lambda_mask=2, pseudo={"claim": "ioa"}).plugins
+    assert full == [{"name": "pseudo_label_distillation", "pseudo_labels": True, "distillation": True,
+                     "lambda_mask": 2, "pseudo": {"claim": "ioa"}}]
+    assert strategy(name="distillation").plugins[0]["pseudo_labels"] is False
+    replayed = strategy(name="pseudo_labels", mem_size=8)
+    assert replayed.history.mem_size == 8 and replayed.names() == ["replay", "pseudo_label_distillation"]
 
 
 def test_repository_configs_are_valid():

@@ -109,14 +109,16 @@ class LegacyUpdate:
 HISTORY_USERS = ("replay", "gradient_mixing")
 
 
-def legacy_strategy(raw: Any, translate: Callable[[dict[str, Any]], LegacyUpdate], default_mem_size: int = 200) -> Any:
+def legacy_strategy(raw: Any, translate: Callable[[dict[str, Any]], LegacyUpdate], default_mem_size: int = 200,
+                    quiet: bool = False) -> Any:
     """Rewrite a family's old ``strategy`` keys (``name: replay``, ``mem_size: 200``, ``rule``, ...) into
     ``plugins`` + ``history`` + ``regime`` with ``translate``, on top of whatever new-form keys the
     config already has (so ``--set strategy.mem_size=500`` on a new-form config changes its history),
     and say so in one line on stderr. Kept for one release."""
     if not isinstance(raw, dict) or not (set(raw) - {"plugins", "history", "regime"}):
         return raw
-    old = {k: v for k, v in raw.items() if k not in ("plugins", "history", "regime")}
+    # an old key set to null meant "the default" (benchmarks pass rule=None): leave it out
+    old = {k: v for k, v in raw.items() if k not in ("plugins", "history", "regime") and v is not None}
     update = translate(dict(old))
     plugins = [dict(e) for e in (update.plugins if update.plugins is not None else raw.get("plugins", []))]
     for entry in plugins:
@@ -131,9 +133,21 @@ def legacy_strategy(raw: Any, translate: Callable[[dict[str, Any]], LegacyUpdate
     regime = update.regime or (raw.get("regime") if update.plugins is None else None)
     if regime:
         merged["regime"] = regime
-    print(f"deprecated: strategy.{', strategy.'.join(sorted(old))} -> {_describe(merged)}; "
-          "the old keys go in the next release", file=sys.stderr)
+    if not quiet:
+        print(f"deprecated: strategy.{', strategy.'.join(sorted(old))} -> {_describe(merged)}; "
+              "the old keys go in the next release", file=sys.stderr)
     return merged
+
+
+def config_from_raw(config_cls: type, raw: dict[str, Any], translate: Callable[[dict[str, Any]], LegacyUpdate],
+                    *, quiet: bool = False) -> Any:
+    """A family's typed config from a raw dict, old strategy keys translated as ``incremental run``
+    does (benchmarks that build configs in code use it, ``quiet`` about the deprecation)."""
+    from ..config import from_dict
+
+    if isinstance(raw.get("strategy"), dict):
+        raw = {**raw, "strategy": legacy_strategy(raw["strategy"], translate, quiet=quiet)}
+    return from_dict(config_cls, raw)
 
 
 def _describe(strategy: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from ..models import model_kwargs as architecture_kwargs
 from ..plots import accuracy_heatmap
 from ..scenarios.class_incremental import PRESETS, DataConfig, ScenarioConfig, build_benchmark
 from ..trainer import Trainer
-from .base import LegacyUpdate, Run, RunConfig, execute, legacy_history, take, unknown_legacy
+from .base import LegacyUpdate, Run, RunConfig, config_from_raw, execute, legacy_history, take, unknown_legacy
 from .common import TrainConfig, make_optimizer
 
 
@@ -85,6 +85,11 @@ def legacy(old: dict[str, Any]) -> LegacyUpdate:
         raise ConfigError("strategy.name", f"unknown strategy {name!r}; known: naive, replay, gradient_mixing, lwf, "
                                            "ewc, cumulative, joint (or use strategy.plugins)")
     return update
+
+
+def config_from(raw: dict[str, Any]) -> Config:
+    """A typed config from a raw dict, old strategy names translated (the benchmarks build theirs so)."""
+    return config_from_raw(Config, raw, legacy, quiet=True)
 
 
 def model_kwargs(cfg: ModelConfig, n_classes: int, input_shape: tuple[int, ...] = (64,)) -> dict[str, Any]:

@@ -1,13 +1,14 @@
 """Class-incremental panoptic segmentation runs (``panoptic_shapes``, ``coco_panoptic``).
 
-Strategies by name (``strategy.name``), all on the same small Mask2Former-style model:
-- ``finetune``: train on each step's new-class annotations only (the lower bound);
-- ``pseudo_labels``: + old-model pseudo labels for the old classes (METHODS 3.3);
-- ``distillation``: + no-object-weighted distillation of the old model's class probabilities;
-- ``pseudo_distill``: both (the full method of METHODS section 3);
-- ``joint``: retrain from scratch on every image so far, annotated with every class so far (the
-  upper bound; it needs the old data and labels the real use does not have).
-``strategy.mem_size > 0`` adds replay of earlier steps' images (with their own annotations).
+The strategy is the shared ``strategy`` section (``runners/base.py``), on a small Mask2Former-style model:
+- no plugins: train on each step's new-class annotations only (fine-tuning, the lower bound);
+- ``pseudo_label_distillation`` (options ``pseudo_labels`` / ``distillation`` switch METHODS 3.3's old-model
+  pseudo labels and 3.4's no-object-weighted distillation; ``pseudo`` holds the pseudo-label thresholds):
+  the full method of METHODS section 3;
+- ``regime: joint``: retrain from scratch on every image so far, annotated with every class so far (the
+  upper bound; it needs the old data and labels the real use does not have);
+- ``history.mem_size > 0`` adds replay of earlier steps' images (with their own annotations).
+The old names (``strategy.name``: finetune, pseudo_labels, distillation, pseudo_distill, joint) still work.
 
 After every step the whole test set is evaluated: PQ, SQ, RQ per class and for the old classes
 (learned before the step), the new ones (this step's) and all seen so far.
@@ -17,25 +18,24 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from ..buffer import HistoryLibrary
-from ..config import check
+from ..config import ConfigError, check
 from ..data import ListSamples
 from ..panoptic.pseudo_labels import PseudoLabelConfig
 from ..panoptic.training import PanopticTrainer, ScheduleAndClip, make_optimizer
-from ..trainer import seed_everything
+from .base import LegacyUpdate, Run, RunConfig, config_from_raw, execute, legacy_history, take, unknown_legacy
 
 if TYPE_CHECKING:
     from ..panoptic.scenario import PanopticScenario
 
-STRATEGIES: dict[str, tuple[bool, bool] | None] = {
-    "finetune": (False, False),
+#: The old ``strategy.name`` values: which halves of the method they switch on (None: no plugin).
+LEGACY_NAMES: dict[str, tuple[bool, bool] | None] = {
+    "finetune": None,
     "pseudo_labels": (True, False),
     "distillation": (False, True),
     "pseudo_distill": (True, True),
@@ -84,32 +84,6 @@ class ScenarioConfig:
             check(self.test_json is not None, "scenario.test_json", "coco_panoptic needs the test JSON")
         if self.max_images is not None:
             check(self.max_images >= 1, "scenario.max_images", "must be >= 1")
-
-
-@dataclass
-class StrategyConfig:
-    name: Literal["finetune", "pseudo_labels", "distillation", "pseudo_distill", "joint"] = "pseudo_distill"
-    lambda_distill: float = 1.0
-    gamma: float = 1.0
-    divergence: Literal["kl", "ce"] = "kl"
-    temperature: float = 1.0
-    lambda_mask: float = 0.0  # weight of the mask distillation (0: class probabilities only)
-    distill_aux: bool = False  # also distil every earlier decoder stage (deep supervision)
-    claimed_queries: Literal["distil", "skip", "no_object"] = "distil"  # old queries on a ground-truth object
-    unlabelled_queries: Literal["no_object", "unbiased", "skip"] = "no_object"  # unmatched queries' class loss
-    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
-    mem_size: int = 0
-    history_batch_size: int | None = None
-
-    def validate(self) -> None:
-        check(self.lambda_distill >= 0, "strategy.lambda_distill", f"must be >= 0, got {self.lambda_distill}")
-        check(self.lambda_mask >= 0, "strategy.lambda_mask", f"must be >= 0, got {self.lambda_mask}")
-        check(self.gamma >= 0, "strategy.gamma", f"must be >= 0, got {self.gamma}")
-        check(self.temperature > 0, "strategy.temperature", f"must be > 0, got {self.temperature}")
-        check(self.mem_size >= 0, "strategy.mem_size", f"must be >= 0, got {self.mem_size}")
-        check(not (self.name == "joint" and self.mem_size), "strategy.mem_size", "joint training already sees all data")
-        if self.history_batch_size is not None:
-            check(self.history_batch_size >= 1, "strategy.history_batch_size", "must be >= 1")
 
 
 @dataclass
@@ -182,10 +156,8 @@ class InferenceConfig:
 
 
 @dataclass
-class Config:
-    seed: int = 0
+class Config(RunConfig):
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
@@ -195,6 +167,52 @@ class Config:
         check(self.scenario.name in ("panoptic_shapes", "coco_panoptic"), "scenario.name",
               "this runner handles panoptic_shapes and coco_panoptic")
         check(self.sample_images >= 0, "sample_images", "must be >= 0")
+        check(self.strategy.regime != "cumulative", "strategy.regime",
+              "panoptic runs take incremental (the default) or joint")
+
+
+PLUGIN_OPTIONS = ("lambda_distill", "gamma", "divergence", "temperature", "lambda_mask", "distill_aux",
+                  "claimed_queries", "unlabelled_queries", "pseudo")
+
+
+def legacy(old: dict[str, Any]) -> LegacyUpdate:
+    """The old ``strategy.name`` (finetune, pseudo_labels, distillation, pseudo_distill, joint) and its
+    flat options, in the new form."""
+    update = LegacyUpdate(history=legacy_history(old))
+    options = take(old, *PLUGIN_OPTIONS)
+    name = old.pop("name", None)
+    unknown_legacy(old)
+    if name is None:
+        update.options = {"pseudo_label_distillation": options} if options else {}
+        return update
+    if name not in LEGACY_NAMES:
+        raise ConfigError("strategy.name", f"must be one of {', '.join(LEGACY_NAMES)} (or use strategy.plugins), "
+                                           f"got {name!r}")
+    flags = LEGACY_NAMES[name]
+    update.plugins = [] if flags is None else [
+        {"name": "pseudo_label_distillation", "pseudo_labels": flags[0], "distillation": flags[1], **options}]
+    if update.history.get("mem_size"):  # the old mem_size > 0 meant replay of earlier steps' images
+        update.plugins.insert(0, {"name": "replay"})
+    update.regime = "joint" if name == "joint" else "incremental"
+    return update
+
+
+def config_from(raw: dict[str, Any]) -> Config:
+    """A typed config from a raw dict, old strategy names translated (the benchmarks build theirs so)."""
+    return config_from_raw(Config, raw, legacy, quiet=True)
+
+
+def plugin_hooks(stuff_classes: list[int]) -> dict[str, Any]:
+    """What panoptic runs add to ``pseudo_label_distillation``: the pseudo-label thresholds
+    (``pseudo``, METHODS 3.3) and the scenario's stuff classes. The old model is the deployed one,
+    copied by the plugin when an update starts."""
+    from strategies.registry import FamilyHook
+
+    def build(options: dict[str, Any]) -> dict[str, Any]:
+        return {"pseudo_config": options["pseudo"] or PseudoLabelConfig(), "stuff_classes": list(stuff_classes)}
+
+    return {"pseudo_label_distillation": FamilyHook(build, options={"pseudo": PseudoLabelConfig},
+                                                    defaults={"pseudo": None})}
 
 
 # ----------------------------------------------------------------------------- scenario and run
@@ -211,48 +229,39 @@ def build_scenario(cfg: Config, out_dir: Path) -> "PanopticScenario":
                          test_images_dir=s.test_images_dir, image_size=s.image_size, max_images=s.max_images)
 
 
-class PanopticRun:
+class PanopticRun(Run):
     """One run: scenario, model, loop, and the PQ results after every step (checkpointable)."""
 
-    def __init__(self, cfg: Config, out_dir: Path, progress: bool = False,
+    title = "panoptic"
+    eval_metric = "PQ"
+
+    def __init__(self, cfg: Config, out_dir: Path | str = ".", progress: bool = False,
                  scenario: "PanopticScenario | None" = None) -> None:
+        from ..panoptic.coco import collate_panoptic
         from ..panoptic.criterion import SetCriterion
 
-        self.cfg = cfg
-        self.out_dir = Path(out_dir)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        seed_everything(cfg.seed)
+        super().__init__(cfg, out_dir, progress)
         self.scenario = scenario if scenario is not None else build_scenario(cfg, self.out_dir)
         self.criterion = SetCriterion(no_object_weight=cfg.model.no_object_weight,
                                       deep_supervision=cfg.model.deep_supervision)
         model = self.new_model(len(self.scenario.step_classes[0]))
-        self.plugin = None
-        plugins: list[Any] = [ScheduleAndClip(cfg.train.schedule, cfg.train.grad_clip)]
-        flags = STRATEGIES[cfg.strategy.name]
-        if flags is not None and any(flags):
-            from strategies.pseudo_label_distillation import PseudoLabelDistillationPlugin
-
-            st = cfg.strategy
-            self.plugin = PseudoLabelDistillationPlugin(
-                pseudo_labels=flags[0], distillation=flags[1], lambda_distill=st.lambda_distill, gamma=st.gamma,
-                divergence=st.divergence, temperature=st.temperature, lambda_mask=st.lambda_mask,
-                distill_aux=st.distill_aux, claimed_queries=st.claimed_queries,
-                unlabelled_queries=st.unlabelled_queries, pseudo_config=st.pseudo,
-                stuff_classes=self.scenario.stuff_classes)
-            plugins.append(self.plugin)
-        history = HistoryLibrary(cfg.strategy.mem_size, "reservoir", seed=cfg.seed) if cfg.strategy.mem_size else None
+        plugins = self.make_plugins(plugin_hooks(self.scenario.stuff_classes))
+        self.plugin = self.plugin_with("old_model")  # pseudo-label distillation, when listed
         self._groups: dict[str, list[int]] = {}
         self.trainer = PanopticTrainer(
             model, make_optimizer(model, cfg.train.lr, cfg.train.weight_decay), self.criterion,
             train_mb_size=cfg.train.batch_size, train_epochs=cfg.train.base_epochs,
-            eval_mb_size=cfg.train.eval_batch_size, device=cfg.train.device, plugins=plugins, history=history,
-            history_mb_size=cfg.strategy.history_batch_size, seed=cfg.seed, progress=progress,
+            eval_mb_size=cfg.train.eval_batch_size, device=cfg.train.device,
+            plugins=[ScheduleAndClip(cfg.train.schedule, cfg.train.grad_clip), *plugins],
+            history=self.make_history(collate_fn=collate_panoptic),
+            history_mb_size=cfg.strategy.history.batch_size, seed=cfg.seed, progress=progress,
             eval_accumulator=self.make_accumulator,
         )
         self.records: list[dict[str, Any]] = []
-        self.accuracy_matrix: list[list[float]] = []  # PQ of step j's classes after step i (checkpointer's name)
-        self.train_time_s = 0.0
+        # self.accuracy_matrix (Run): PQ of step j's classes after step i (the checkpointer's name)
+
+    def plugin_with(self, attribute: str) -> Any:
+        return next((p for p in self.plugins if hasattr(p, attribute)), None)
 
     # -- pieces ------------------------------------------------------------------------------
     def new_model(self, n_classes: int) -> torch.nn.Module:
@@ -285,7 +294,7 @@ class PanopticRun:
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, i: int) -> None:
         cfg, tr = self.cfg, self.trainer
-        if cfg.strategy.name == "joint":
+        if cfg.strategy.regime == "joint":
             torch.manual_seed(cfg.seed)
             tr.model = self.new_model(len(self.scenario.seen_after(i)))
             tr.optimizer = make_optimizer(tr.model, cfg.train.lr, cfg.train.weight_decay)
@@ -316,7 +325,12 @@ class PanopticRun:
         result = self.evaluate(i)
         self.record(i, result)
         self.train_time_s += time.perf_counter() - start
+        self.save_package(self.out_dir / f"model_step{i}.pt")  # the deployed model after each step
         return result
+
+    def eval_results(self) -> dict[int, dict[str, float]]:
+        """For the logs: PQ of each step's classes so far (steps not reached yet are left out)."""
+        return {j: {"accuracy": v} for j, v in enumerate(self.accuracy_matrix[-1]) if not math.isnan(v)}
 
     def record(self, i: int, result: dict[str, Any]) -> None:
         row = [result.get(f"pq_step{j}") for j in range(self.n_steps)]
@@ -344,6 +358,7 @@ class PanopticRun:
         return {"records": self.records}
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
+        # The plugin's state is its frozen old model: the deployed model, rebuilt from the restored weights.
         self.records = list(extra.get("records", []))
         if self.plugin is not None and self.records:
             from strategies.pseudo_label_distillation import frozen_copy
@@ -390,6 +405,14 @@ class PanopticRun:
                           arch_kwargs=self.cfg.model.kwargs(n), class_names=sc.class_names[:n],
                           extra=package_extra(sc.class_names[:n], [c for c in sc.thing_classes if c < n],
                                               self.cfg.scenario.image_size))
+
+    def report(self, results: dict[str, Any]) -> str:
+        return format_report(results)
+
+    def plots(self, out_dir: Path) -> None:
+        cfg = self.cfg
+        method = "joint" if cfg.strategy.regime == "joint" else "+".join(cfg.strategy.names()) or "finetune"
+        self.draw(out_dir, f"{method} on {cfg.scenario.name} (seed {cfg.seed})")
 
     def draw(self, out_dir: Path, title: str) -> list[Path]:
         """``pq_per_class.png`` (PQ per class after every step) and ``samples.png`` (test images,
@@ -446,19 +469,4 @@ def format_report(results: dict[str, Any]) -> str:
 
 
 def run(cfg: Config, out_dir: Path, *, progress: bool = False, resume: bool = False) -> dict[str, Any]:
-    from ..checkpoint import RunCheckpointer
-
-    out_dir = Path(out_dir)
-    runner = PanopticRun(cfg, out_dir, progress=progress)
-    checkpointer = RunCheckpointer(out_dir, asdict(cfg))
-    start = checkpointer.restore(runner) if resume else 0
-    for i in tqdm(range(start, runner.n_steps), desc="steps", disable=not progress, initial=start,
-                  total=runner.n_steps):
-        runner.step(i)
-        checkpointer.save(runner, i + 1, runner.extra_state())
-        runner.save_package(out_dir / f"model_step{i}.pt")  # the deployed model after each step
-    results = runner.results()
-    results["model_package"] = str(runner.save_package(out_dir / "model.pt"))
-    runner.draw(out_dir, f"{cfg.strategy.name} on {cfg.scenario.name} (seed {cfg.seed})")
-    results["report"] = format_report(results)
-    return results
+    return execute(PanopticRun(cfg, out_dir, progress=progress), out_dir, resume=resume)
