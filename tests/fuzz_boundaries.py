@@ -56,6 +56,8 @@ class Assets:
     detector: Path  # package: tiny Faster R-CNN, classes circle, square, triangle
     scene: Path  # generated transfer scene: instances.json (the person's boxes), images/, pred.json
     panoptic: Path  # package: tiny panoptic model, classes circle, square, sky, ground
+    weights: Path  # a user's plain state dict: tests.test_package_command:TinyMLP, 3 classes, hidden 8
+    classes: Path  # its classes file: cat, dog, bird
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,7 +86,13 @@ def assets() -> Assets:
                           architecture="panoptic_tiny", arch_kwargs={"n_classes": 4, **tiny}, class_names=old,
                           extra=package_extra(old, [0, 1], 32))
     (root / "idx_config.yaml").write_text(IDX_CONFIG)
-    return Assets(root, classifier, npz, root / "detector.pt", root / "scene", panoptic)
+    from tests.test_package_command import TinyMLP
+
+    torch.manual_seed(0)
+    torch.save(TinyMLP(**USER_MODEL_KWARGS).state_dict(), root / "user_weights.pth")
+    (root / "classes.txt").write_text("cat\ndog\nbird\n")
+    return Assets(root, classifier, npz, root / "detector.pt", root / "scene", panoptic, root / "user_weights.pth",
+                  root / "classes.txt")
 
 
 # ============================================================================ generic mutations
@@ -602,6 +610,74 @@ def run_package_update(path: Path, out: Path, a: Assets) -> list[str]:
     return ["update", "--model", str(path), "--data", str(a.npz), "--out", str(out), "--epochs", "1", "--quiet"]
 
 
+# ============================================================================ incremental package
+USER_MODEL = "tests.test_package_command:TinyMLP"
+USER_MODEL_KWARGS = {"num_classes": 3, "hidden": 8}
+
+
+def package_argv(weights: Path, classes: Path, out: Path) -> list[str]:
+    return ["package", "--architecture", USER_MODEL, "--kwargs", json.dumps(USER_MODEL_KWARGS), "--weights",
+            str(weights), "--classes", str(classes), "--input-size", "8", "--out", str(out), "--quiet"]
+
+
+def seed_weights(folder: Path, a: Assets) -> Path:
+    return Path(shutil.copy(a.weights, folder / "weights.pth"))
+
+
+def mutate_weights(data: Any, path: Path) -> None:
+    """Damaged bytes, or a state dict edited: tensors of other shapes / NaN / inf, keys gone or wrapped
+    in a checkpoint dict, values that are not tensors."""
+    if data.draw(st.integers(0, 3), label="bytes?") == 0:
+        return mutate_bytes(data, path)
+    state = dict(torch.load(path, weights_only=True))
+    if data.draw(st.booleans(), label="checkpoint?"):
+        state = {data.draw(st.sampled_from(["state_dict", "model", "net", "optimizer"])): state, "epoch": 3}
+    torch.save(mutate_tree(data, state, PACKAGE_VALUES), path)
+
+
+def load_weights(path: Path, _: Assets) -> Any:
+    from incremental.importing import fit_state_dict, instantiate, read_state_dict, resolve_module_class
+
+    model = instantiate(resolve_module_class(USER_MODEL), USER_MODEL_KWARGS, USER_MODEL)
+    return fit_state_dict(read_state_dict(path), model.state_dict(), str(path), USER_MODEL)
+
+
+def run_package_weights(path: Path, out: Path, a: Assets) -> list[str]:
+    return package_argv(path, a.classes, out)
+
+
+def seed_classes(folder: Path, a: Assets) -> Path:
+    return Path(shutil.copy(a.classes, folder / "classes.txt"))
+
+
+def mutate_classes(data: Any, path: Path) -> None:
+    kind = data.draw(st.sampled_from(["bytes", "lines", "json"]), label="classes edit")
+    if kind == "bytes":
+        return mutate_bytes(data, path)
+    if kind == "lines":
+        lines = path.read_text().splitlines()
+        lines[data.draw(st.integers(0, len(lines) - 1))] = data.draw(st.one_of(st.text(max_size=8),
+                                                                           st.sampled_from(["cat", "", " dog "])))
+        path.write_text("\n".join(lines))
+        return
+    doc = mutate_tree(data, [{"id": i + 1, "name": n} for i, n in enumerate(["cat", "dog", "bird"])])
+    json_path = path.with_suffix(".json")
+    json_path.write_text(json.dumps(doc))
+    path.write_bytes(json_path.read_bytes())  # the case's input stays the one seeded path
+    json_path.unlink()
+
+
+def load_classes(path: Path, _: Assets) -> Any:
+    from incremental.importing import read_class_names
+
+    names, _ = read_class_names(path)
+    return names
+
+
+def run_package_classes(path: Path, out: Path, a: Assets) -> list[str]:
+    return package_argv(a.weights, path, out)
+
+
 # ============================================================================ the table
 BOUNDARIES: list[Boundary] = [
     Boundary("config_file", seed_config, mutate_config, load_config, run_config, cli_when_loaded=False),
@@ -616,4 +692,6 @@ BOUNDARIES: list[Boundary] = [
              cli_when_loaded=False, slow_examples=1000),
     Boundary("model_package", seed_package, mutate_package, load_package, run_package_update),
     Boundary("idx", seed_idx, mutate_idx, load_idx_pair, run_idx, cli_when_loaded=False, slow_examples=1000),
+    Boundary("package_weights", seed_weights, mutate_weights, load_weights, run_package_weights),
+    Boundary("package_classes", seed_classes, mutate_classes, load_classes, run_package_classes),
 ]
