@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .guards import first_non_finite_tensor
 from .package import PackageError, build_architecture, save_model
 from .preprocessing import Preprocessing, as_pair
 
@@ -160,6 +161,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
         raise PackageError(f"{path} holds no state dict (found: {keys}; expected parameter names -> tensors, or a "
                            f"checkpoint with one of {', '.join(CHECKPOINT_ENTRIES)})")
+    bad = first_non_finite_tensor(state)
+    if bad is not None:  # the user's file is bad input (exit 2), not a run that diverged here
+        raise PackageError(f"{path}: weight {bad!r} holds NaN or inf; a model with such weights cannot be updated")
     return state
 
 

@@ -207,3 +207,11 @@ def test_preprocessing_by_hand():
     with pytest.raises(ValueError, match="unknown entry 'scale'"):
         Preprocessing.from_any({"scale": 2})
     assert Preprocessing(channels=1, size=8, flat=True).input_shape == (64,)
+
+
+def test_a_weights_file_with_nan_is_bad_input(files, capsys):
+    tmp_path, resnet = files
+    state = resnet.state_dict()
+    state["fc.bias"] = torch.tensor([0.0, float("nan"), 1.0])
+    torch.save(state, tmp_path / "nan.pth")
+    refused(capsys, tmp_path, "weight 'fc.bias' holds NaN or inf", weights="nan.pth")
