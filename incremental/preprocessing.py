@@ -146,6 +146,10 @@ class Preprocessing:
         """A batch of raw images ``(N, C, H, W)`` (uint8, or float in the model's pixel scale), or flat
         ``(N, F)`` vectors with ``F = C*H*W`` or ``F = H*W``, as model inputs (float32). ``origin`` names
         the data in errors."""
+        if x.dim() >= 2 and 0 in x.shape[1:]:
+            raise DataError(f"{origin}: samples of shape {tuple(x.shape[1:])} hold no pixels")
+        if len(x) == 0:
+            return torch.zeros((0, *self.input_shape))
         if x.dim() == 2:
             x = self._unflatten(x, origin)
         if x.dim() != 4:

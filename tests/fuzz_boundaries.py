@@ -678,6 +678,46 @@ def run_package_classes(path: Path, out: Path, a: Assets) -> list[str]:
     return package_argv(a.weights, path, out)
 
 
+# ============================================================================ class-incremental scenario config
+def seed_scenario_config(folder: Path, a: Assets) -> Path:
+    root = seed_idx(folder, a)
+    path = folder / "scenario.yaml"
+    path.write_text(IDX_CONFIG.replace("n_experiences: 2}", f"n_experiences: 2, root: {json.dumps(str(root))},"
+                                       " class_order: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], test_fraction: 0.25}"))
+    return path
+
+
+def load_scenario_config(path: Path, _: Assets) -> Any:
+    """The config and then the scenario it names: sources read, class order resolved, experiences cut."""
+    from incremental.cli import prepare_run
+    from incremental.scenarios.class_incremental import build_benchmark
+
+    _, cfg, _ = prepare_run(str(path), [])
+    if getattr(cfg, "scenario", None) is not None and hasattr(cfg, "data") and cfg.scenario.name != "split_digits":
+        return build_benchmark(cfg.scenario, cfg.data, cfg.seed)
+    return cfg
+
+
+# ============================================================================ incremental predict
+def run_predict_images(path: Path, out: Path, a: Assets) -> list[str]:
+    return ["predict", "--model", str(a.classifier), "--images", str(path), "--out", str(out), "--quiet"]
+
+
+def run_predict_model(path: Path, out: Path, a: Assets) -> list[str]:
+    return ["predict", "--model", str(path), "--images", str(a.npz), "--out", str(out), "--quiet"]
+
+
+def load_predict_images(path: Path, a: Assets) -> Any:
+    from incremental.commands.predict import _npz_x
+    from incremental.package import load_model
+    from incremental.preprocessing import Preprocessing, image_files
+
+    prep = Preprocessing.of_package(load_model(a.classifier))
+    if path.is_file():
+        return prep.load_array(_npz_x(path), str(path))
+    return prep.load_files(image_files(path))
+
+
 # ============================================================================ the table
 BOUNDARIES: list[Boundary] = [
     Boundary("config_file", seed_config, mutate_config, load_config, run_config, cli_when_loaded=False),
@@ -694,4 +734,9 @@ BOUNDARIES: list[Boundary] = [
     Boundary("idx", seed_idx, mutate_idx, load_idx_pair, run_idx, cli_when_loaded=False, slow_examples=1000),
     Boundary("package_weights", seed_weights, mutate_weights, load_weights, run_package_weights),
     Boundary("package_classes", seed_classes, mutate_classes, load_classes, run_package_classes),
+    Boundary("scenario_config", seed_scenario_config, mutate_config, load_scenario_config, run_config,
+             cli_when_loaded=False, slow_examples=1000),
+    Boundary("predict_npz", seed_npz, mutate_npz, load_predict_images, run_predict_images),
+    Boundary("predict_images", seed_image_folder, mutate_image_folder, load_predict_images, run_predict_images),
+    Boundary("predict_model", seed_package, mutate_package, load_package, run_predict_model),
 ]

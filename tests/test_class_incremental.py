@@ -165,3 +165,17 @@ def test_cli_bad_data_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, c
     code, _, err = _run(["run", str(_config(tmp_path, scenario)), "--out", str(out), "--quiet"], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(n_experiences=0), "scenario.n_experiences"),
+    (dict(channels=2), "scenario.channels"),
+    (dict(source="npz", root="x.npz", test_fraction=2.0), "scenario.test_fraction"),
+    (dict(name="no_such_scenario"), "scenario.name"),
+])
+def test_the_scenario_constructor_refuses_impossible_values(kwargs, key):
+    """Issue 17: a ScenarioConfig built in code is checked like one read from a config file."""
+    from incremental.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        ScenarioConfig(**{"name": "class_incremental", "source": "npz", "root": "x.npz", "n_experiences": 2, **kwargs})

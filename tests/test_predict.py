@@ -84,3 +84,15 @@ def test_predict_errors_are_one_line(digits_package, tmp_path, capsys):
     out.write_text("{}")
     assert main(["predict", "--model", str(path), "--out", str(out), "--images", str(tmp_path / "bad.npz")]) == 2
     assert "exists; use --force" in capsys.readouterr().err
+
+
+def test_predict_npz_with_empty_images_is_one_line(digits_package, tmp_path, capsys):
+    """Found by the fuzz suite (predict_npz): an x of shape (0, 0, 0) ended in a torch reshape traceback."""
+    path, _, _ = digits_package
+    out = tmp_path / "p.json"
+    for shape in [(0, 0, 0), (2, 0), (3, 8, 0)]:
+        np.savez(tmp_path / "empty.npz", x=np.zeros(shape, dtype=np.float32))
+        assert main(["predict", "--model", str(path), "--out", str(out), "--images", str(tmp_path / "empty.npz")]) == 2
+        err = capsys.readouterr().err
+        assert "empty.npz: samples of shape" in err and "hold no pixels" in err and err.count("\n") == 1, err
+        assert not out.exists()

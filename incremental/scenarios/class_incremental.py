@@ -68,6 +68,7 @@ class ScenarioConfig:
         for key, value in PRESETS.get(self.name, {}).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        self.validate()  # built in code as in a config file: an impossible value fails here, naming its key
 
     def validate(self) -> None:
         check(self.name in PRESETS, "scenario.name", f"unknown scenario {self.name!r}; known: {', '.join(PRESETS)}")
