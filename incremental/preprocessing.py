@@ -226,7 +226,7 @@ def _converted(value: Any, name: str, kind: Any) -> Any:
                          f"got {type(value).__name__}")
     try:
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ValueError(f"preprocessing.{name}: must be {'a number' if kind in (int, float) else 'a list of numbers'}, "
                          f"got {value!r:.80}") from None
 

@@ -276,6 +276,18 @@ def test_a_single_npy_array_is_not_an_npz(tmp_path):
         load_labelled(tmp_path / "x.npy", Preprocessing(channels=1, size=(8, 8), flat=True))
 
 
+@pytest.mark.parametrize("field, value", [("channels", float("inf")), ("size", [8, float("inf")]),
+                                          ("resize", float("-inf"))])
+def test_an_infinite_preprocessing_size_names_its_field(field, value):
+    """int(inf) raises OverflowError, not ValueError: a package whose size is infinite once escaped
+    ``incremental update`` as a traceback (exit 1), found by the slow ``model_package`` fuzz profile."""
+    from incremental.preprocessing import Preprocessing
+
+    fields = dict(channels=1, size=(8, 8), flat=True) | {field: value}
+    with pytest.raises(ValueError, match=f"preprocessing.{field}: must be"):
+        Preprocessing(**fields)
+
+
 # ----------------------------------------------------------------------------------------- packages
 def test_a_package_is_never_saved_from_or_loaded_with_nan_weights(tmp_path):
     from incremental.models import MLP
