@@ -96,3 +96,24 @@ def test_predict_npz_with_empty_images_is_one_line(digits_package, tmp_path, cap
         err = capsys.readouterr().err
         assert "empty.npz: samples of shape" in err and "hold no pixels" in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_predict_npz_without_samples_and_a_damaged_input_entry_are_one_line(digits_package, tmp_path, capsys):
+    """Found by the slow fuzz profile: x of shape (0, 1) reached topk (exit 1), and a package whose
+    extra['input'] is not a dict reached dict() (exit 1); both are bad input."""
+    import torch
+
+    path, _, _ = digits_package
+    out = tmp_path / "p.json"
+    np.savez(tmp_path / "none.npz", x=np.zeros((0, 1), dtype=np.float64))
+    assert main(["predict", "--model", str(path), "--out", str(out), "--images", str(tmp_path / "none.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "none.npz: x holds no images" in err and err.count("\n") == 1, err
+    payload = torch.load(path, weights_only=True)
+    payload["extra"]["input"] = True
+    torch.save(payload, tmp_path / "bad.pt")
+    np.savez(tmp_path / "one.npz", x=np.zeros((1, 64), dtype=np.float32))
+    assert main(["predict", "--model", str(tmp_path / "bad.pt"), "--out", str(out), "--images", str(tmp_path / "one.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "extra['input'] must be a dict, got bool" in err and err.count("\n") == 1, err
+    assert not out.exists()

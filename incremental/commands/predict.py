@@ -97,11 +97,14 @@ def predict_classifier(package: Any, images: Path, out: Path, top_k: int, batch_
                        device: torch.device) -> str:
     from ..datasets import DataError
     from ..io import write_json
-    from ..preprocessing import Preprocessing, image_files
+    from ..preprocessing import image_files
+    from ..update_classifier import package_preprocessing
 
-    prep = Preprocessing.of_package(package)
+    prep = package_preprocessing(package)  # a damaged extra['input'] is a PackageError, as in update
     if images.is_file():
         x = prep.load_array(_npz_x(images), str(images))
+        if not len(x):
+            raise DataError(f"{images}: x holds no images (shape {tuple(x.shape)})")
         keys: list[dict[str, Any]] = [{"index": i} for i in range(len(x))]
     elif images.is_dir():
         files = image_files(images)
