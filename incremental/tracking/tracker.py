@@ -124,7 +124,8 @@ class Tracker(Plugin):
         self._epoch_start = self._last_flush
         self._exp = 0
         self._terms: dict[str, Any] | None = None
-        self._keys: dict[tuple[str, str], tuple[str]] = {}
+        self._keys: dict[tuple[str, str], tuple[str]] = {}  # (prefix, term) -> column names
+        self._stat_keys: dict[tuple[str, str], str] = {}  # (plugin, statistic) -> column name
         self._dist: dict[str, list[float]] = {}  # this experience's values of histogram_stats
         self._reset_pending()
         self._reset_epoch()
@@ -333,14 +334,17 @@ class Tracker(Plugin):
                     column = columns[key] = [nan] * n
                 column[row] = value
         detail = set()
+        keys = self._stat_keys
         for row, prefix, stats in self._host:
             for stat, value in stats.items():
-                key = f"{prefix}/{stat}"
+                key = keys.get((prefix, stat))
+                if key is None:
+                    key = keys[(prefix, stat)] = f"{prefix}/{stat}"
                 column = columns.get(key)
                 if column is None:
                     column = columns[key] = [nan] * n
                     detail.add(key)
-                column[row] = float(value)
+                column[row] = value if type(value) is float else float(value)
         log.detail = frozenset(detail)
         return log
 
@@ -350,7 +354,19 @@ class Tracker(Plugin):
             return
         sizes = sizes[start:end]
         for key, column in log.values.items():
-            pairs = [(v, s) for v, s in zip(column[start:end], sizes) if v == v]  # v == v: not NaN
+            column = column[start:end]
+            total = sum(column)
+            if total == total:  # no NaN (a value recorded every row): the common case, without the pairs
+                if key == names.LOSS_MB:
+                    self._epoch_loss += sum(v * s for v, s in zip(column, sizes))
+                    self._epoch_samples += sum(sizes)
+                    continue
+                old, count = self._epoch_sums.get(key, (0.0, 0))
+                self._epoch_sums[key] = (old + total, count + len(column))
+                if key.rsplit("/", 1)[-1] in self.histogram_stats:
+                    self._dist.setdefault(key, []).extend(column)
+                continue
+            pairs = [(v, s) for v, s in zip(column, sizes) if v == v]  # v == v: not NaN
             if not pairs:
                 continue
             if key == names.LOSS_MB:
