@@ -328,7 +328,7 @@ COST_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "MLP 784-256-256-10 (Split Fashion-MNIST)": (lambda: MLP(784, 256, 10, hidden_layers=2), (1, 28, 28)),
     "resnet18_reduced, 3x32x32": (lambda: build_model("resnet18_reduced", in_channels=3, n_classes=10), (3, 32, 32)),
 }
-COST_KINDS = ("replay", "mixing, two passes", "mixing, fused", "extra pass only")
+COST_KINDS = ("replay", "mixing, auto", "mixing, two passes", "mixing, fused", "extra pass only")
 
 
 def time_training(kind: str, model_name: str, steps: int) -> tuple[float, float]:
@@ -344,6 +344,7 @@ def time_training(kind: str, model_name: str, steps: int) -> tuple[float, float]
     model = build()
     plugins: list[Any] = {"replay": [], "mixing, two passes": [GradientMixingPlugin(gradient_pass="two_pass")],
                           "mixing, fused": [GradientMixingPlugin(gradient_pass="fused")],
+                          "mixing, auto": [GradientMixingPlugin(gradient_pass="auto")],
                           "extra pass only": [ExtraPassOnly()]}[kind]
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.CrossEntropyLoss(),
                       train_mb_size=BATCH, train_epochs=1, plugins=plugins, history=history, seed=0, shuffle=False)

@@ -93,7 +93,8 @@ def gather_into(dest: torch.Tensor, dest_views: list[torch.Tensor], grads: Seque
         flatten_grads_into(dest, grads, params)
 
 
-def batched_gradients_into(bufs: GradientBuffers, loss_h: torch.Tensor, loss_t: torch.Tensor) -> list[bool]:
+def batched_gradients_into(bufs: GradientBuffers, loss_h: torch.Tensor, loss_t: torch.Tensor,
+                           retain_graph: bool = False) -> list[bool]:
     """``g_h`` and ``g_t`` of two losses of one graph, by one batched backward, into ``bufs.stacked``.
 
     ``autograd.grad`` over the stacked losses with the 2x2 identity as batched ``grad_outputs``: autograd
@@ -104,7 +105,7 @@ def batched_gradients_into(bufs: GradientBuffers, loss_h: torch.Tensor, loss_t: 
     """
     losses = torch.stack([loss_h.reshape(()), loss_t.reshape(())]).to(bufs.eye.dtype)
     grads = torch.autograd.grad(losses, bufs.params, grad_outputs=bufs.eye, is_grads_batched=True,
-                                allow_unused=True)
+                                allow_unused=True, retain_graph=retain_graph)
     if all(g is not None for g in grads):
         torch._foreach_copy_(bufs.views_pair, list(grads))
         return bufs.all_present

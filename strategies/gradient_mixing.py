@@ -9,7 +9,9 @@ statistics in :mod:`strategies.mixing_stats`; this file only adapts loop callbac
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +24,10 @@ from incremental.data import Batch, batch_size_of, concat_batches, move_to
 from incremental.flat_gradients import (
     GradientBuffers, assign_flat_grad, batched_gradients_into, flatten_grads, flatten_grads_into, gather_into,
 )
+from incremental.linear_gradients import (
+    LinearCapture, group_gradients_into, group_gram, ineligibility, output_gradients, views_by_param,
+    weighted_gradients_into,
+)
 from incremental.plugins import Plugin
 from .logit_memory import LogitMemory
 from .mixing_rules import (
@@ -32,10 +38,15 @@ from .mixing_stats import STAT_NAMES, plot_stats, summarize_stats
 
 #: What the plugin's own library keeps when none is named (chosen by measurement, docs/gradient_mixing.md).
 DEFAULT_POLICY = "herding"
-#: ``fused``: one forward over the joint minibatch, one batched backward for both gradients;
-#: ``two_pass``: the loop's own forward/backward for g_t, one more over the history batch for g_h;
-#: ``auto``: fused on CUDA, two passes on CPU (the faster one there, docs/gradient_mixing.md).
-GRADIENT_PASSES = ("auto", "fused", "two_pass")
+#: ``ghost``: one forward over the joint minibatch, one backward to the linear layers' outputs, the
+#: geometry from per-sample Gram matrices and the mixed gradient as one weighted product per layer
+#: (:mod:`incremental.linear_gradients`; models of ``nn.Linear`` layers without batch norm, in this
+#: project's loop); ``fused``: one forward over the joint minibatch, one batched backward for both
+#: gradients; ``two_pass``: the loop's own forward/backward for g_t, one more over the history batch for
+#: g_h; ``auto``: ghost where it applies, else fused on CUDA and two passes on CPU (the faster one there,
+#: docs/gradient_mixing.md).
+GRADIENT_PASSES = ("auto", "ghost", "fused", "two_pass")
+DISAGREED = "its gradients disagreed with the batched backward of the same graph"
 
 
 class GradientMixingPlugin(Plugin):
@@ -95,6 +106,12 @@ class GradientMixingPlugin(Plugin):
         self._params_cache: list[torch.Tensor] | None = None
         self._bufs: GradientBuffers | None = None
         self._fused = False
+        self._ghost = False  # this step takes the ghost path (a fused step with the shortcut)
+        self._capture: LinearCapture | None = None  # forward hooks on the linear layers (ghost)
+        self._ghost_reason: str | None = "not checked"  # why the model cannot take the ghost path
+        self._ghost_checked = False  # compared once per experience with the batched backward
+        self._ghost_disagreed = False  # the comparison failed once: the ghost path is off for the run
+        self._impure_loss = False  # another plugin added a loss term before ours, this experience
         self._saved_criterion: Any = None
         self._stored_logits: torch.Tensor | None = None  # DER: the logits stored with this step's history batch
 
@@ -120,6 +137,7 @@ class GradientMixingPlugin(Plugin):
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._params_cache = None
+        self._ghost_checked = self._impure_loss = False
         if self.logits is not None:
             self.logits.ensure(self._library(strategy), strategy.model, strategy.device)
         if self._loop_has_history(strategy):
@@ -130,6 +148,7 @@ class GradientMixingPlugin(Plugin):
         self._own_iter = library.batches(size) if len(library) else None
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self._release_capture()
         if not self._loop_has_history(strategy):
             self._own_library(strategy).update(strategy.experience.dataset, strategy=strategy)
         if self.logits is not None:  # DER: logits of the samples that came in, by the model that learned them
@@ -152,11 +171,15 @@ class GradientMixingPlugin(Plugin):
             idx = self._library(strategy).last_indices
             self._stored_logits = self.logits.targets(strategy.sharder.shard(idx) if self._sharded(strategy) else idx,
                                                       strategy.device)
-        self._fused = batch is not None and self._use_fused(strategy, batch)
+        self._ghost = batch is not None and self._use_ghost(strategy, batch)
+        self._fused = self._ghost or (batch is not None and self._use_fused(strategy, batch))
         if self._fused:
             self._transfer_batch = strategy.mbatch
             self._n_t = batch_size_of(strategy.mbatch)
             strategy.mbatch = concat_batches(strategy.mbatch, batch)
+        if self._ghost:
+            assert self._capture is not None
+            self._capture.start()  # records the linear layers of the loop's forward; stopped in after_forward
 
     def _use_fused(self, strategy: Any, batch: Batch) -> bool:
         tensors = isinstance(strategy.mbatch[0], torch.Tensor) and isinstance(batch[0], torch.Tensor)
@@ -165,9 +188,34 @@ class GradientMixingPlugin(Plugin):
             return True
         return tensors and self.gradient_pass == "auto" and torch.device(strategy.device).type == "cuda"
 
+    def _use_ghost(self, strategy: Any, batch: Batch) -> bool:
+        """Whether this step takes the ghost path: asked for (``ghost``) or ``auto``, the model qualifies
+        (:func:`incremental.linear_gradients.ineligibility`, checked when the parameters are listed), and the
+        loop is this project's (it tells whether other plugins added loss terms), unsharded, without autocast."""
+        if self.gradient_pass not in ("auto", "ghost"):
+            return False
+        reason = None
+        if not (isinstance(strategy.mbatch[0], torch.Tensor) and isinstance(batch[0], torch.Tensor)):
+            reason = "the inputs are not tensors"
+        elif self._sharded(strategy) or getattr(strategy, "amp", False):
+            reason = "the run is sharded or uses autocast"
+        elif not hasattr(strategy, "_loss_terms"):
+            reason = "the loop is not this project's Trainer"
+        elif self._impure_loss and self.gradient_pass == "auto":  # ghost asked for: those steps go batched
+            reason = "another plugin adds a loss term before gradient mixing's before_backward"
+        else:
+            self._buffers(strategy)  # lists the parameters and (re)attaches the capture when they changed
+            reason = self._ghost_reason
+        if self.gradient_pass == "ghost":
+            check(reason is None, "gradient_pass", f"ghost cannot serve this run: {reason}; use auto or two_pass")
+        return reason is None
+
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
         if self.last_history_batch is None:
             return
+        if self._ghost:
+            assert self._capture is not None
+            self._capture.stop()
         if self._fused:  # the loop and the other plugins go on with the transfer part alone
             out = strategy.mb_output
             self._out_h, strategy.mb_output = out[self._n_t:], out[: self._n_t]
@@ -181,11 +229,36 @@ class GradientMixingPlugin(Plugin):
         if not self._fused:
             return
         bufs = self._buffers(strategy)
-        loss_t = _scalar(strategy.loss) * float(getattr(strategy, "_loss_weight", 1.0))
+        # the loop's loss is the criterion alone when no plugin added a term before this callback
+        pure = strategy.loss is getattr(strategy, "_loss_terms", None) and strategy.loss._version == 0
+        loss_t = _scalar(strategy.loss)
+        shard_weight = float(getattr(strategy, "_loss_weight", 1.0))
+        if shard_weight != 1.0:
+            loss_t = loss_t * shard_weight
         loss_h = self._weighted_history_loss(strategy, self.last_history_batch, self._out_h)
-        self._present = batched_gradients_into(bufs, loss_h, loss_t)
         self._out_h = None
         bufs.losses.copy_(torch.stack([loss_h.detach(), loss_t.detach()]))
+        if self._ghost and not pure:  # a term that need not be per sample: not for the rest of the experience
+            self._impure_loss = True
+        if self._ghost:
+            self._ghost = pure and self._ghost_covers(bufs)
+        if self._ghost and not self._ghost_checked:
+            # Once per experience, against the batched backward of the same graph: a model that breaks
+            # the shortcut's assumptions in a way the structural check cannot see (a functional in-place
+            # op, a layer output reused across samples) is caught here and leaves the shortcut.
+            self._present = batched_gradients_into(bufs, loss_h, loss_t, retain_graph=True)
+            self._ghost_checked = True
+            self._dz = output_gradients(loss_h + loss_t, self._capture.records)
+            if not self._ghost_agrees(bufs):
+                self._ghost_disagreed = True
+                self._ghost_reason = DISAGREED
+                warnings.warn(f"gradient mixing: the ghost path is off for this model ({DISAGREED})")
+            self._ghost, self._dz = False, None  # this step mixes the batched gradients already in bufs
+            self._capture.records = []
+        elif self._ghost:
+            self._dz = output_gradients(loss_h + loss_t, self._capture.records)
+        else:
+            self._present = batched_gradients_into(bufs, loss_h, loss_t)
         # The loop's backward runs on a stand-in with the transfer loss's value (for loggers); a term a
         # later plugin adds to it back-propagates into .grad, which after_backward adds to g_t.
         self._anchor = torch.zeros((), device=loss_t.device, requires_grad=True)
@@ -200,8 +273,14 @@ class GradientMixingPlugin(Plugin):
         bufs = self._buffers(strategy)
         params = bufs.params
         if self._fused:
-            if strategy.loss is not self._stand_in or self._stand_in._version:  # a term added after our
-                bufs.stacked[1].add_(flatten_grads([p.grad for p in params], params))  # before_backward: g_t
+            later = strategy.loss is not self._stand_in or self._stand_in._version  # a term added after our
+            if self._ghost and not later:  # before_backward: its gradient is in .grad, it belongs to g_t
+                return self._mix_ghost(strategy, bufs)
+            if self._ghost:  # the two gradients explicitly, from the same layer inputs and output gradients
+                group_gradients_into(self._views_t, self._views_h, self._capture.records, self._dz, self._n_t)
+                self._present, self._dz, self._capture.records = bufs.all_present, None, []
+            if later:
+                bufs.stacked[1].add_(flatten_grads([p.grad for p in params], params))
             present = self._present
         else:
             grads_t = [p.grad for p in params]
@@ -224,12 +303,57 @@ class GradientMixingPlugin(Plugin):
         combine(bufs.stacked[0], bufs.stacked[1], w_h, w_t, out=bufs.out)
         for p, view, keep in zip(params, bufs.views_out, present):  # binds views: no tensor work per parameter
             p.grad = view if keep else None
+        self._record(strategy, geo, w_h, w_t, loss_h_value, loss_t_value)
+
+    def _mix_ghost(self, strategy: Any, bufs: GradientBuffers) -> None:
+        """The ghost step: geometry from the Gram matrices, then ``w_h g_h + w_t g_t`` as the gradient of
+        the per-sample weighted loss, written straight into the buffer ``.grad`` points to."""
+        records, dz, n_t = self._capture.records, self._dz, self._n_t
+        gram = group_gram(records, dz, n_t)  # [[|g_h|^2, g_h.g_t], [., |g_t|^2]]: transfer rows come first
+        (sq_h, dot), (_, sq_t) = gram.tolist()
+        loss_h_value, loss_t_value = bufs.losses.tolist()
+        geo = Geometry(dot, sq_h, sq_t)
+        w_h, w_t = self.rule(geo, loss_h_value, loss_t_value)
+        weights = torch.full((len(dz[0]),), w_h, dtype=dz[0].dtype, device=dz[0].device)
+        weights[:n_t] = w_t
+        weighted_gradients_into(self._views_out, records, dz, weights)
+        for p, view in zip(bufs.params, bufs.views_out):
+            p.grad = view
+        self._dz, self._capture.records = None, []  # the step's activations are not kept to the next
+        self._record(strategy, geo, w_h, w_t, loss_h_value, loss_t_value)
+
+    def _record(self, strategy: Any, geo: Geometry, w_h: float, w_t: float, loss_h: float, loss_t: float) -> None:
         if self.record_stats:
             s = geo.similarity
             self.stats.setdefault(self._experience_id(strategy), []).append({
                 "similarity": s, "w_h": w_h, "w_t": w_t, "norm_h": geo.norm_h, "norm_t": geo.norm_t,
-                "loss_h": loss_h_value, "loss_t": loss_t_value, "conflict": float(s < 0.0),
+                "loss_h": loss_h, "loss_t": loss_t, "conflict": float(s < 0.0),
             })
+
+    # ---------------------------------------------------------------- the ghost path's bookkeeping
+    def _ghost_covers(self, bufs: GradientBuffers) -> bool:
+        """The forward called every layer once, on (samples, features), and every trainable parameter
+        was in a called layer (else that step takes the batched backward)."""
+        capture = self._capture
+        if capture is None or not capture.valid:
+            return False
+        called = {id(p) for r in capture.records for p in (r.module.weight, r.module.bias) if p is not None}
+        return all(id(p) in called for p in bufs.params)
+
+    def _ghost_agrees(self, bufs: GradientBuffers) -> bool:
+        """The explicit group gradients from the capture equal the batched backward's (in ``bufs``)."""
+        pair = torch.empty_like(bufs.stacked)
+        sizes = [p.numel() for p in bufs.params]
+        views = [[c.view_as(p) for c, p in zip(row.split(sizes), bufs.params)] for row in pair]
+        group_gradients_into(views_by_param(bufs.params, views[1]), views_by_param(bufs.params, views[0]),
+                             self._capture.records, self._dz, self._n_t)
+        scale = float(bufs.stacked.abs().max()) or 1.0
+        return bool(torch.allclose(pair, bufs.stacked, rtol=1e-4, atol=1e-5 * scale))
+
+    def _release_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
 
     # ---------------------------------------------------------------- losses and buffers
     def _weighted_history_loss(self, strategy: Any, batch: Batch, output: Any = None) -> torch.Tensor:
@@ -239,7 +363,7 @@ class GradientMixingPlugin(Plugin):
         amp = bool(getattr(strategy, "amp", False))
         try:
             strategy.mbatch = batch
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
                 strategy.mb_output = strategy.forward() if output is None else output
                 loss = _scalar(strategy.criterion())
                 if self.logits is not None:
@@ -257,6 +381,15 @@ class GradientMixingPlugin(Plugin):
             self._params_cache = [p for p in strategy.model.parameters() if p.requires_grad]
             if self._bufs is None or not self._bufs.fits(self._params_cache):
                 self._bufs = GradientBuffers(self._params_cache)
+            if self.gradient_pass in ("auto", "ghost"):  # layers may have been replaced (a grown head)
+                self._release_capture()
+                self._ghost_reason = DISAGREED if self._ghost_disagreed else ineligibility(strategy.model, self._params_cache)
+                if self._ghost_reason is None:
+                    self._capture = LinearCapture(strategy.model)
+                    bufs = self._bufs
+                    self._views_h = views_by_param(bufs.params, bufs.views_h)
+                    self._views_t = views_by_param(bufs.params, bufs.views_t)
+                    self._views_out = views_by_param(bufs.params, bufs.views_out)
         assert self._bufs is not None
         return self._bufs
 
