@@ -99,10 +99,11 @@ def ineligibility(model: nn.Module, params: Sequence[torch.Tensor]) -> str | Non
     return None
 
 
-def output_gradients(loss: torch.Tensor, records: Sequence[LinearRecord]) -> list[torch.Tensor]:
+def output_gradients(loss: torch.Tensor, records: Sequence[LinearRecord],
+                     retain_graph: bool = False) -> list[torch.Tensor]:
     """``dloss/dz`` of every recorded layer output, by one backward that computes no weight gradient
     (autograd skips the edges to the parameters, which were not asked for). Zeros for an unused output."""
-    grads = torch.autograd.grad(loss, [r.z for r in records], allow_unused=True)
+    grads = torch.autograd.grad(loss, [r.z for r in records], allow_unused=True, retain_graph=retain_graph)
     return [torch.zeros_like(r.z) if g is None else g for r, g in zip(records, grads)]
 
 

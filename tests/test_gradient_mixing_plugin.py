@@ -394,18 +394,29 @@ class L2OnTheLoss(Plugin):
         strategy.loss = strategy.loss + 0.05 * sum((p ** 2).sum() for p in strategy.model.parameters())
 
 
+class PenaltyOnTheOutputs(Plugin):
+    """A term of the transfer outputs (as LwF's distillation is) added to strategy.loss in before_backward:
+    its backward goes through the forward graph the one-pass gradients already walked."""
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        strategy.loss = strategy.loss + 0.1 * strategy.mb_output.square().mean()
+
+
 @pytest.mark.parametrize("rule", ["similarity", "pcgrad_der"])
 @pytest.mark.parametrize("one_pass", ["fused", "ghost"])
-@pytest.mark.parametrize("regulariser_first", [False, True])
-def test_fused_and_two_pass_train_the_same_model(digits, rule: str, one_pass: str, regulariser_first: bool) -> None:
+@pytest.mark.parametrize("term, term_first", [(L2OnTheLoss, False), (L2OnTheLoss, True),
+                                              (PenaltyOnTheOutputs, False), (PenaltyOnTheOutputs, True)])
+def test_fused_and_two_pass_train_the_same_model(digits, rule: str, one_pass: str, term: type,
+                                                 term_first: bool) -> None:
     # Same mixed gradient to 1e-6 at every step (here: same weights after two experiences), including a
-    # regulariser another plugin adds to the loss after the one-pass backward ran (it reaches g_t through
-    # the loop's backward) or before it (ghost then takes the batched backward: the term is not per sample).
+    # term another plugin adds to the loss after the one-pass backward ran (it reaches g_t through the
+    # loop's backward, through the kept graph when it is a term of the outputs) or before it (ghost then
+    # takes the batched backward: the term need not be per sample).
     def train(gradient_pass: str) -> nn.Module:
         torch.manual_seed(0)
         model = MLP(64, 32, 10)
         plugin = GradientMixingPlugin(rule=rule, gradient_pass=gradient_pass)
-        plugins = [L2OnTheLoss(), plugin] if regulariser_first else [plugin, L2OnTheLoss()]
+        plugins = [term(), plugin] if term_first else [plugin, term()]
         our_trainer(model, plugins).train(digits.train_stream[:2])
         assert len(plugin.stats[1]) > 10
         return model
@@ -415,16 +426,18 @@ def test_fused_and_two_pass_train_the_same_model(digits, rule: str, one_pass: st
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
-def count_ghost_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the plugin's calls of output_gradients (one per ghost step, and one per check)."""
+def count_ghost_steps(monkeypatch: pytest.MonkeyPatch, min_parameters: int = 0) -> list[int]:
+    """Counts the plugin's calls of output_gradients (one per ghost step, and one per check); ``auto``
+    takes the ghost pass from ``min_parameters`` on (the test models are small)."""
     import strategies.gradient_mixing as module
 
+    monkeypatch.setattr(module, "GHOST_MIN_PARAMETERS", min_parameters)
     calls: list[int] = []
     real = module.output_gradients
 
-    def spy(loss: torch.Tensor, records: Any) -> Any:
+    def spy(loss: torch.Tensor, records: Any, **kwargs: Any) -> Any:
         calls.append(len(records))
-        return real(loss, records)
+        return real(loss, records, **kwargs)
 
     monkeypatch.setattr(module, "output_gradients", spy)
     return calls
@@ -439,6 +452,18 @@ def test_auto_takes_the_ghost_path_on_an_mlp_in_our_loop(digits, monkeypatch) ->
     mixed = len(plugin.stats[1]) + len(plugin.stats[2])
     assert plugin._ghost_reason is None and len(calls) == mixed and set(calls) == {3}  # 3 linear layers
     assert not any(m._forward_hooks for m in model.modules())  # the hooks leave with the experience
+
+
+def test_auto_takes_two_passes_on_a_model_too_small_for_the_ghost_pass(digits, monkeypatch) -> None:
+    from strategies.gradient_mixing import GHOST_MIN_PARAMETERS
+
+    calls = count_ghost_steps(monkeypatch, GHOST_MIN_PARAMETERS)
+    torch.manual_seed(0)
+    model = MLP(64, 32, 10, hidden_layers=2)
+    assert sum(p.numel() for p in model.parameters()) < GHOST_MIN_PARAMETERS
+    plugin = GradientMixingPlugin()
+    our_trainer(model, [plugin]).train(digits.train_stream[:2])
+    assert calls == [] and not plugin._fused and "fewer than" in plugin.ghost_unavailable
 
 
 class BatchCentering(nn.Module):
