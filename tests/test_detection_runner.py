@@ -6,6 +6,7 @@ import json
 import pytest
 
 from incremental.cli import main
+from tests.tracking_helpers import assert_logged
 
 TINY = ["--set", "scenario.image_size=64", "--set", "scenario.general_train=6", "--set", "scenario.general_test=3",
         "--set", "scenario.transfer_test=3", "--set", "feedback.n_images=4", "--set", "meta.epochs=1",
@@ -34,6 +35,7 @@ def test_run_writes_ap_before_after_and_feedback_counts(tmp_path):
     assert r["config"]["feedback"]["n_images"] == 4 and r["seed"] == 0
     assert (tmp_path / "a" / "ap_before_after.png").is_file() and (tmp_path / "a" / "meta_model.pt").is_file()
     assert r["meta_model_reused"] is False
+    assert_logged(tmp_path / "a", experiences=2)
     # killed after the meta model: --resume adapts it and ends with the same numbers
     import os
 

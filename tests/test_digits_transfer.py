@@ -11,6 +11,7 @@ import torch
 from incremental.config import ConfigError, from_dict
 from incremental.runners.transfer import Config, TransferRun, run
 from incremental.scenarios.digits_transfer import digits_transfer, domain_shift, few_shot_indices
+from tests.tracking_helpers import assert_logged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,3 +183,4 @@ def test_cli_run_writes_before_and_after(tmp_path: Path) -> None:
     assert set(payload["general_accuracy"]) == {"before", "after"}
     assert set(payload["transfer_accuracy"]) == {"before", "after"}
     assert payload["config"]["scenario"]["name"] == "digits_transfer"
+    assert_logged(tmp_path, experiences=2)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from incremental.cli import main
+from tests.tracking_helpers import assert_logged
 
 TINY = {
     "seed": 0,
@@ -46,6 +47,7 @@ def test_run_writes_pq_after_every_step(tiny_config, tmp_path):
     assert (tmp_path / "out" / "pq_per_class.png").stat().st_size > 0
     assert (tmp_path / "out" / "samples.png").stat().st_size > 0
     assert (tmp_path / "out" / "model_step0.pt").is_file() and (tmp_path / "out" / "model.pt").is_file()
+    assert_logged(tmp_path / "out", experiences=2)
 
 
 def test_same_seed_same_numbers_and_resume_continues_identically(tiny_config, tmp_path):

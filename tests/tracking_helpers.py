@@ -1,0 +1,19 @@
+"""What every family's run must leave in ``DIR/logs``: the default CSV logger's iteration rows and one
+evaluation row per experience, so a grid's report and a dashboard read any family alike."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def assert_logged(run_dir: Path, experiences: int) -> None:
+    logs = Path(run_dir) / "logs"
+    with open(logs / "iterations.csv", newline="") as f:
+        iterations = list(csv.DictReader(f))
+    with open(logs / "eval.csv", newline="") as f:
+        evaluations = list(csv.DictReader(f))
+    loss = "Loss_MB/train_phase/train_stream"  # Avalanche's name, as every logger writes it
+    assert iterations and all(float(r[loss]) == float(r[loss]) for r in iterations), "no training loss logged"
+    assert [int(r["iteration"]) for r in iterations] == list(range(len(iterations)))
+    streams = [r for r in evaluations if r["metric"].endswith("_Stream/eval_phase/test_stream")]
+    assert [int(r["training_exp"]) for r in streams] == list(range(experiences)), evaluations
