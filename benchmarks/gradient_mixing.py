@@ -57,7 +57,7 @@ from incremental.scenarios.digits import split_digits  # noqa: E402
 from incremental.trainer import Trainer  # noqa: E402
 from incremental.flat_gradients import flatten_grads  # noqa: E402
 from strategies.gradient_mixing import DEFAULT_POLICY, GradientMixingPlugin  # noqa: E402
-from strategies.mixing_rules import DEFAULT_RULE, WEIGHTS, mix  # noqa: E402
+from strategies.mixing_rules import DEFAULT_RULE, RULES, WEIGHTS, mix  # noqa: E402
 
 EPOCHS, BATCH, LR = 10, 32, 0.1  # the project's Split Digits configs (trained to convergence)
 QUIET = False  # --quiet: no progress lines and no tables on stdout (the JSON has the tables)
@@ -208,6 +208,10 @@ def transfer_config(scenario: str) -> dict[str, Any]:
     return load_yaml(ROOT / "configs" / f"{scenario}.yaml")
 
 
+#: Rules run on fashion_transfer beside the default (``--fashion-rules``; digits_transfer runs its own list).
+FASHION_RULES: list[str] = []
+
+
 def transfer_plan(scenario: str, shots: int) -> list[tuple[str, dict[str, Any]]]:
     """(label, strategy section) in run order; the first one (fine-tuning) trains the meta model."""
     plan: list[tuple[str, dict[str, Any]]] = [
@@ -217,6 +221,9 @@ def transfer_plan(scenario: str, shots: int) -> list[tuple[str, dict[str, Any]]]
         ("gradient mixing: similarity + reservoir (before)",
          {"name": "gradient_mixing", "rule": "similarity", "storage_policy": "reservoir"}),
     ]
+    if scenario == "fashion_transfer":
+        plan += [(f"gradient mixing: {rule} + {DEFAULT_POLICY}", {"name": "gradient_mixing", "rule": rule})
+                 for rule in FASHION_RULES]
     if scenario == "digits_transfer":
         plan += [(f"gradient mixing: {rule} + {DEFAULT_POLICY}", {"name": "gradient_mixing", "rule": rule})
                  for rule in ("sum_der", "pcgrad_der", "mega_der", "agem")]
@@ -537,12 +544,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parts = ["split", "transfer", "fashion_transfer", "cost", "insertion", "stale"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--fashion-shots", type=int, nargs="+", default=[10])
+    parser.add_argument("--fashion-rules", nargs="*", default=[], choices=sorted(RULES),
+                        help="gradient mixing rules run on fashion_transfer beside the default")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gradient_mixing[_quick].json)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     args.cost_models = [(name, steps) for name, steps in zip(COST_MODELS, (args.cost_steps, max(4, args.cost_steps // 10)))]
     global EPOCHS, QUIET
     QUIET = args.quiet
+    FASHION_RULES[:] = args.fashion_rules
     if args.quick:
         EPOCHS = 3
         args.seeds, args.mems, args.shots, args.steps, args.repeats = [0], [200], [10], 100, 2
