@@ -152,6 +152,24 @@ def test_report_plots_accuracy_against_a_numeric_key_and_handles_single_runs(tmp
     assert "| 50.0 |" in table
 
 
+def test_report_pools_replicate_axes_with_the_seeds(tmp_path, capsys):
+    accs = {(0, 1): 0.80, (0, 2): 0.76, (1, 1): 0.84, (1, 2): 0.86}  # (seed, threads)
+    for (seed, threads), acc in accs.items():
+        _fake_results(tmp_path / f"s{seed}-t{threads}", {"seed": seed, "train": {"threads": threads}},
+                      average_accuracy=acc)
+    keys, groups = group_runs(find_runs(tmp_path))
+    assert keys == ["train.threads"] and len(groups) == 2
+    assert main(["report", str(tmp_path), "--pool", "train.threads", "--no-plots"]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    (row,) = report["rows"]
+    assert row["n"] == 4 and row["seeds"] == [0, 0, 1, 1] and report["pooled"] == ["train.threads"]
+    assert row["avg_acc_mean"] == pytest.approx(0.815)
+    assert row["avg_acc_std"] == pytest.approx(statistics.stdev(accs.values()))
+    assert "over seeds and train.threads" in capsys.readouterr().out
+    assert main(["report", str(tmp_path), "--pool", "train.thread"]) == 2
+    assert "--pool train.thread: no run" in capsys.readouterr().err
+
+
 def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no results.json" in capsys.readouterr().err

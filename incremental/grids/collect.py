@@ -133,9 +133,13 @@ def moves_with_seed(runs: Sequence[Run], key: str) -> bool:
     return True
 
 
-def group_runs(runs: Sequence[Run]) -> tuple[list[str], list[Group]]:
-    """The setting keys and the groups of runs sharing a setting (in order of first appearance)."""
-    keys = [k for k in varying_keys(runs) if k != "seed" and not moves_with_seed(runs, k)]
+def group_runs(runs: Sequence[Run], pool: Sequence[str] = ()) -> tuple[list[str], list[Group]]:
+    """The setting keys and the groups of runs sharing a setting (in order of first appearance).
+
+    ``pool``: keys counted as replicates like the seed (their runs go into one mean ± std), for axes
+    that only perturb a run: thread counts, a library draw, a data-order seed.
+    """
+    keys = [k for k in varying_keys(runs) if k != "seed" and k not in pool and not moves_with_seed(runs, k)]
     groups: dict[str, Group] = {}
     for r in runs:
         setting = {k: r.config.get(k) for k in keys}

@@ -33,7 +33,8 @@ def _cell(mean: float, std: float | None, column: str) -> str:
 
 
 def build_table(groups: Sequence[Group], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """One dict per setting: the setting, ``n``, ``seeds`` and ``<metric>_mean`` / ``<metric>_std``."""
+    """One dict per setting: the setting, ``n``, ``seeds`` (a seed appears once per pooled replicate)
+    and ``<metric>_mean`` / ``<metric>_std``."""
     rows = []
     for g in groups:
         row: dict[str, Any] = {k: g.setting[k] for k in keys}
@@ -72,22 +73,28 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_report(root: str | Path, out: str | Path | None = None, plots: bool = True) -> tuple[str, list[Path]]:
+def write_report(root: str | Path, out: str | Path | None = None, plots: bool = True,
+                 pool: Sequence[str] = ()) -> tuple[str, list[Path]]:
     """Aggregate every run under ``root``; writes ``report.{md,csv,json}`` and PNGs to ``out``
-    (default ``root/report``). Returns the Markdown table and the files written."""
+    (default ``root/report``). ``pool``: config keys whose runs count as replicates of one setting, as
+    seeds do. Returns the Markdown table and the files written."""
     root = Path(root)
     runs = find_runs(root)
     if not runs:
         raise ReportError(f"no results.json under {root}")
-    keys, groups = group_runs(runs)
+    unknown = [k for k in pool if not any(k in r.config for r in runs)]
+    if unknown:
+        raise ReportError(f"--pool {unknown[0]}: no run under {root} has this config key (keys as in --set)")
+    keys, groups = group_runs(runs, pool)
     rows = build_table(groups, keys)
     out = Path(out) if out is not None else root / "report"
     table = markdown(rows, keys)
-    header = f"{len(runs)} runs under {root}, {len(groups)} settings (mean ± sample std over seeds)"
+    over = " and ".join(["seeds", *pool])
+    header = f"{len(runs)} runs under {root}, {len(groups)} settings (mean ± sample std over {over})"
     files = [
         write_text(out / "report.md", f"{header}\n\n{table}\n"),
         write_text(out / "report.csv", csv_text(rows)),
-        write_json(out / "report.json", {"root": str(root), "setting_keys": keys, "rows": rows,
+        write_json(out / "report.json", {"root": str(root), "setting_keys": keys, "pooled": list(pool), "rows": rows,
                                          "runs": [str(r.path.relative_to(root)) for r in runs]}),
     ]
     if plots:
