@@ -17,3 +17,8 @@ def assert_logged(run_dir: Path, experiences: int) -> None:
     assert [int(r["iteration"]) for r in iterations] == list(range(len(iterations)))
     streams = [r for r in evaluations if r["metric"].endswith("_Stream/eval_phase/test_stream")]
     assert [int(r["training_exp"]) for r in streams] == list(range(experiences)), evaluations
+    # an iteration row names the experience whose evaluation follows it (what resume and dashboards group by)
+    ends = {int(r["training_exp"]): int(r["iteration"]) for r in streams}
+    for row in iterations:
+        e, i = int(row["experience"]), int(row["iteration"])
+        assert ends.get(e - 1, 0) <= i < ends[e], (row, ends)

@@ -384,6 +384,11 @@ def _history(cfg: Config) -> Any:
     return HistoryLibrary(h.mem_size, h.policy, seed=cfg.seed) if h.mem_size else None
 
 
+#: The run's step the adaptation is (step 0 trains or loads the meta model): the experience id the
+#: adaptation trains under, so logs, plugin statistics and resume agree with the evaluation rows.
+ADAPT_EXPERIENCE = 1
+
+
 def adapt(cfg: Config, meta_model: nn.Module, feedback: Any, scenes: Scenes, *, progress: bool = False,
           run: "DetectionRun | None" = None) -> tuple[nn.Module, dict[str, Any]]:
     """Adapt a copy of the meta model on the feedback samples with ``cfg.strategy``'s plugins."""
@@ -408,12 +413,12 @@ def adapt(cfg: Config, meta_model: nn.Module, feedback: Any, scenes: Scenes, *, 
                                seed=cfg.seed, progress=progress)
     trainer.classes_seen = set(range(1, len(scenes.old_classes) + 1))
     labels = sorted({int(l) for _, t, _ in data.samples for l in t["labels"].tolist()} | trainer.classes_seen)
-    trainer.train(Experience(data, 0, labels))
+    trainer.train(Experience(data, ADAPT_EXPERIENCE, labels))
     info: dict[str, Any] = {"epochs": trainer.train_epochs, "steps": trainer.clock.train_iterations}
     for plugin in plugins:
         name = type(plugin).__name__
         if name == "GradientMixingPlugin":
-            info["gradient_mixing"] = plugin.summary().get(0, {})
+            info["gradient_mixing"] = plugin.summary().get(ADAPT_EXPERIENCE, {})
             info["plugin"] = plugin
         elif name == "PseudoLabelDistillationPlugin":
             info["pseudo_label_distillation"] = plugin.summary()
