@@ -53,6 +53,7 @@ def test_run_writes_ap_before_after_and_feedback_counts(tmp_path):
     again = json.loads((tmp_path / "k" / "results.json").read_text())
     assert again["ap_general"] == r["ap_general"] and again["ap_transfer"] == r["ap_transfer"]
     assert again["feedback_counts"] == counts
+    assert_logged(tmp_path / "k", experiences=2)  # the resumed run's logs hold each iteration once
 
 
 @pytest.mark.parametrize("override, message", [

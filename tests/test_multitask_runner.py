@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from incremental.cli import main
+from tests.tracking_helpers import assert_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "synthfaces_multitask.yaml")
@@ -31,6 +32,7 @@ def test_synthfaces_run_writes_tasks_weights_and_curve(tmp_path):
     assert res["time_per_epoch_s"] > 0 and res["weighting"] == "dwa_ema_exp_init"
     assert res["config"]["strategy"]["plugins"][0]["method"] == "dwa_ema_exp_init"
     assert (tmp_path / "a" / "loss_weights.png").read_bytes()[:4] == b"\x89PNG"
+    assert_logged(tmp_path / "a", experiences=1)
     # same seed, same numbers
     again = run_cli(tmp_path / "b", "--set", "scenario.missing_fraction=0.3")
     assert again["tasks"] == res["tasks"] and again["loss_weights"] == res["loss_weights"]

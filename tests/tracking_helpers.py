@@ -15,10 +15,11 @@ def assert_logged(run_dir: Path, experiences: int) -> None:
     loss = "Loss_MB/train_phase/train_stream"  # Avalanche's name, as every logger writes it
     assert iterations and all(float(r[loss]) == float(r[loss]) for r in iterations), "no training loss logged"
     assert [int(r["iteration"]) for r in iterations] == list(range(len(iterations)))
-    streams = [r for r in evaluations if r["metric"].endswith("_Stream/eval_phase/test_stream")]
-    assert [int(r["training_exp"]) for r in streams] == list(range(experiences)), evaluations
+    ends: dict[int, int] = {}  # training experience -> the iteration its evaluation was logged at
+    for r in evaluations:
+        assert ends.setdefault(int(r["training_exp"]), int(r["iteration"])) == int(r["iteration"]), r
+    assert sorted(ends) == list(range(experiences)), evaluations
     # an iteration row names the experience whose evaluation follows it (what resume and dashboards group by)
-    ends = {int(r["training_exp"]): int(r["iteration"]) for r in streams}
     for row in iterations:
         e, i = int(row["experience"]), int(row["iteration"])
         assert ends.get(e - 1, 0) <= i < ends[e], (row, ends)
