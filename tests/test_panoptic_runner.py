@@ -60,6 +60,7 @@ def test_same_seed_same_numbers_and_resume_continues_identically(tiny_config, tm
     (tmp_path / "b" / "results.json").unlink()
     resumed = run_cli(tiny_config, tmp_path / "b", "--resume")
     assert resumed["pq_all"] == first["pq_all"] and resumed["pq_per_class"] == first["pq_per_class"]
+    assert_logged(tmp_path / "b", experiences=2)
 
 
 def test_extension_options_reach_the_plugin(tiny_config, tmp_path):
