@@ -105,3 +105,54 @@ def test_stop_training_ends_the_epoch(digits_tiny):
     trainer = make_trainer(plugins=[StopAfterTwo()])
     trainer.train(digits_tiny.train_stream[0])
     assert trainer.clock.train_iterations == 2
+
+
+class StepNorms(torch.optim.SGD):
+    """SGD that records the gradient's total norm it steps with."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.norms = []
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return super().step(closure)
+
+
+def test_grad_clip_bounds_the_norm_the_optimizer_steps_with_after_every_plugin(digits_tiny):
+    from strategies.gradient_mixing import GradientMixingPlugin
+
+    def train(grad_clip):
+        seed_everything(0)
+        model = MLP(64, 32, 10)
+        opt = StepNorms(model.parameters(), lr=0.1)
+        plugin = GradientMixingPlugin(mem_size=40, seed=0)  # writes the mixed gradient in after_backward
+        trainer = Trainer(model, opt, nn.CrossEntropyLoss(), train_mb_size=16, plugins=[plugin], grad_clip=grad_clip)
+        trainer.train(digits_tiny.train_stream[:2])
+        return opt.norms
+
+    free, clipped = train(None), train(0.5)
+    assert len(free) == len(clipped) and max(free) > 0.5
+    assert max(clipped) <= 0.5 + 1e-5  # the mixed gradient was clipped, not the loop's own
+    assert clipped[0] == pytest.approx(min(free[0], 0.5), rel=1e-5)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_grad_clip_must_be_a_positive_number(value):
+    from incremental.config import ConfigError
+
+    with pytest.raises(ConfigError, match="grad_clip"):
+        Trainer(MLP(64, 8, 10), torch.optim.SGD(MLP(64, 8, 10).parameters(), lr=0.1), grad_clip=value)
+
+
+def test_train_grad_clip_reaches_the_loop_from_a_config(tmp_path, capsys):
+    from pathlib import Path
+
+    from incremental.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    tiny = ["--quiet", "--set", "train.epochs=1", "--set", "scenario.n_experiences=2"]
+    assert main(["run", config, "--out", str(tmp_path / "bad"), *tiny, "--set", "train.grad_clip=0"]) == 2
+    assert "train.grad_clip: must be a number > 0 or null" in capsys.readouterr().err
+    assert main(["run", config, "--out", str(tmp_path / "ok"), *tiny, "--set", "train.grad_clip=0.01"]) == 0

@@ -139,7 +139,7 @@ class ClassificationRun(Run):
             eval_mb_size=cfg.train.eval_batch_size, device=resolve_device(cfg.train.device),
             plugins=self.make_plugins(), history=self.make_history(),
             history_mb_size=cfg.strategy.history.batch_size, seed=cfg.seed, progress=progress, amp=cfg.train.amp,
-            num_workers=cfg.train.num_workers,
+            num_workers=cfg.train.num_workers, grad_clip=cfg.train.grad_clip,
         )
 
     def new_model(self, n_out: int) -> torch.nn.Module:

@@ -1,6 +1,7 @@
 """Configuration and helpers every runner shares."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,7 @@ class TrainConfig:
     threads: int | None = 1
     amp: bool = False
     num_workers: int = 0  # DataLoader worker processes for data read lazily (0: in the main process)
+    grad_clip: float | None = None  # clip the gradient's total norm to this before each step (null: off)
 
     def validate(self) -> None:
         check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -32,6 +34,8 @@ class TrainConfig:
         check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
         check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 or null")
         check(self.num_workers >= 0, "train.num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0), "train.grad_clip",
+              f"must be a number > 0 or null, got {self.grad_clip}")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "train.device",
               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -326,7 +326,7 @@ class MultiTaskRun(Run):
             self.model, make_optimizer(cfg.train, self.model), criterion,
             train_mb_size=cfg.train.batch_size, train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size,
             device=cfg.train.device, plugins=plugins, history=self.make_history(), seed=cfg.seed, progress=progress,
-            eval_accumulator=lambda trainer: MultiTaskAccumulator(tasks),
+            eval_accumulator=lambda trainer: MultiTaskAccumulator(tasks), grad_clip=cfg.train.grad_clip,
         )
         self.experiences = split_experiences(self.data.train, cfg.scenario.n_experiences)
         self.test = Experience(self.data.test, 0, [0])

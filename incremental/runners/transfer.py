@@ -116,6 +116,7 @@ class TransferRun(Run):
             train_mb_size=g.batch_size, train_epochs=g.epochs, eval_mb_size=cfg.train.eval_batch_size,
             device=resolve_device(cfg.train.device), plugins=plugins, history=history,
             history_mb_size=cfg.strategy.history.batch_size, seed=cfg.seed, progress=progress, amp=cfg.train.amp,
+            grad_clip=cfg.train.grad_clip,
         )
         self.step_time_s: list[float] = []
 
