@@ -285,6 +285,8 @@ class GradientMixingPlugin(Plugin):
         bufs = self._buffers(strategy)
         params = bufs.params
         if self._fused:
+            if isinstance(strategy.mb_output, torch.Tensor):  # the graph kept for later terms goes now, not
+                strategy.mb_output = strategy.mb_output.detach()  # when the next forward replaces the output
             later = strategy.loss is not self._stand_in or self._stand_in._version  # a term added after our
             if self._ghost and not later:  # before_backward: its gradient is in .grad, it belongs to g_t
                 return self._mix_ghost(strategy, bufs)

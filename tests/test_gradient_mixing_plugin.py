@@ -426,6 +426,24 @@ def test_fused_and_two_pass_train_the_same_model(digits, rule: str, one_pass: st
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("gradient_pass", ["fused", "ghost"])
+def test_the_kept_forward_graph_goes_with_the_step(digits, gradient_pass: str) -> None:
+    # The one-pass paths keep the joint forward's graph through the loop's backward (a later plugin may
+    # add a term of the outputs); after the step nothing may hold it, or the next forward would run with
+    # two steps' activations alive.
+    graphs: list[bool] = []
+
+    class Holder(Plugin):
+        def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+            if plugin.last_history_batch is not None:
+                graphs.append(strategy.mb_output.grad_fn is not None)  # (the loss is a stand-in, graph-free)
+
+    torch.manual_seed(0)
+    plugin = GradientMixingPlugin(gradient_pass=gradient_pass)
+    our_trainer(MLP(64, 32, 10), [plugin, Holder()]).train(digits.train_stream[:2])
+    assert graphs and not any(graphs)
+
+
 def count_ghost_steps(monkeypatch: pytest.MonkeyPatch, min_parameters: int = 0) -> list[int]:
     """Counts the plugin's calls of output_gradients (one per ghost step, and one per check); ``auto``
     takes the ghost pass from ``min_parameters`` on (the test models are small)."""
