@@ -33,6 +33,33 @@ class NonFiniteLossError(DivergedError):
                          "(lower the learning rate or check the data)")
 
 
+class CollapsedModelError(DivergedError):
+    """Training ended in a network that answers one class for every input (dead hidden units after a
+    burst of large gradients): the loss stays finite, so :class:`LossGuard` cannot see it, but the
+    model is as useless as a diverged one and must not replace a working one."""
+
+    def __init__(self, experience: int, predicted: int, n_classes: int) -> None:
+        self.experience, self.predicted, self.n_classes = experience, predicted, n_classes
+        super().__init__(f"training collapsed: after experience {experience} the model predicts class {predicted} for "
+                         f"every test sample of the {n_classes} classes it has just learned (dead units after a burst of "
+                         "large gradients, or too little training: lower the learning rate, set train.grad_clip, "
+                         "or train longer)")
+
+
+def collapsed_class(predicted_counts: torch.Tensor, true_classes: int) -> int | None:
+    """The one class a model predicted for a whole test set holding ``true_classes`` classes, or None.
+
+    ``predicted_counts``: how often each class was predicted (a bincount). A test set of two or more
+    classes answered by a single class means the network no longer looks at its input.
+    """
+    if true_classes < 2:
+        return None
+    used = predicted_counts > 0
+    if int(used.sum()) != 1 or float(predicted_counts.sum()) < 2:
+        return None
+    return int(used.nonzero()[0, 0])
+
+
 class LossGuard:
     """Checks the training loss for NaN / inf every ``every`` iterations and at each experience's end.
 

@@ -69,9 +69,27 @@ class ClassificationAccumulator:
         self.count = 0
         self.loss_sum = 0.0
         self.loss_count = 0
+        # how often each class was predicted, and each true class seen: a model that answers one
+        # class for a test set of several has collapsed (incremental.guards.collapsed_class)
+        self.predicted: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+
+    @staticmethod
+    def _add_counts(total: torch.Tensor | None, values: torch.Tensor, size: int) -> torch.Tensor:
+        counts = torch.bincount(values, minlength=size).to(torch.float64)
+        if total is None:
+            return counts
+        if len(total) < len(counts):  # the head grew, or a larger label came
+            total = torch.cat([total, total.new_zeros(len(counts) - len(total))])
+        total[: len(counts)] += counts
+        return total
 
     def update(self, output: torch.Tensor, y: torch.Tensor) -> None:
-        self.correct += int((output.argmax(dim=1) == y).sum())
+        predicted = output.argmax(dim=1)
+        self.correct += int((predicted == y).sum())
+        if len(y):
+            self.predicted = self._add_counts(self.predicted, predicted, output.shape[1])
+            self.labels = self._add_counts(self.labels, y, output.shape[1])
         n = len(y)
         self.count += n
         if isinstance(self.criterion, nn.CrossEntropyLoss) and self.criterion.weight is None:
@@ -94,13 +112,28 @@ class ClassificationAccumulator:
         dist_utils.all_reduce_sum_(totals)
         self.correct, self.count, self.loss_count = int(totals[0]), int(totals[1]), int(totals[3])
         self.loss_sum = float(totals[2])
+        for name in ("predicted", "labels"):  # every rank evaluates the same head: same lengths
+            counts = getattr(self, name)
+            if counts is not None:
+                dist_utils.all_reduce_sum_(counts)
 
     def result(self) -> dict[str, float]:
         return {
             "accuracy": self.correct / max(self.count, 1),
             "loss": self.loss_sum / self.loss_count if self.loss_count else float("nan"),
             "count": self.count,
+            "predicted_classes": 0 if self.predicted is None else int((self.predicted > 0).sum()),
+            "true_classes": 0 if self.labels is None else int((self.labels > 0).sum()),
+            "collapsed_to": -1 if self.predicted is None else _collapsed(self.predicted, self.labels),
         }
+
+
+def _collapsed(predicted: torch.Tensor, labels: torch.Tensor | None) -> int:
+    from .guards import collapsed_class
+
+    true_classes = 0 if labels is None else int((labels > 0).sum())
+    found = collapsed_class(predicted, true_classes)
+    return -1 if found is None else found
 
 
 def experience_classes(experience: Any, dataset: Any) -> list[int]:

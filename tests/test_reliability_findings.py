@@ -93,6 +93,39 @@ def test_1_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_writes_no_pa
     assert load_checkpoint(out / "checkpoints" / "exp_001.pt")["experiences_done"] == 1
 
 
+def _dead_network_after(monkeypatch, experience: int) -> None:
+    """Kill the hidden units after training ``experience`` (as a burst of huge gradients does): the
+    network then answers the output bias's class for every input, with a finite loss."""
+    import torch
+
+    from incremental.trainer import Trainer
+
+    original = Trainer._train_experience
+
+    def train_experience(self, **kwargs):
+        original(self, **kwargs)
+        if self.clock.train_exp_counter == experience:
+            with torch.no_grad():
+                for module in self.model.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        module.weight.zero_()
+                        module.bias.fill_(-1.0)
+                last = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+                last.bias[0] = 1.0
+
+    monkeypatch.setattr(Trainer, "_train_experience", train_experience)
+
+
+def test_1_a_collapsed_run_stops_like_a_diverged_one(tmp_path, monkeypatch):
+    _dead_network_after(monkeypatch, experience=1)
+    out = tmp_path / "run"
+    code, _, err = run_main(["run", str(ROOT / "configs/split_digits_naive.yaml"), "--out", str(out), *TINY_RUN])
+    assert code == 3, err
+    assert err.count("\n") == 1 and "collapsed" in err and "after experience 1" in err and "class 0" in err, err
+    assert not (out / "model.pt").exists() and not (out / "results.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["exp_001.pt"]
+
+
 def test_1_a_diverging_update_writes_nothing(tmp_path, monkeypatch):
     _nan_loss_at(monkeypatch, experience=0, iteration=2)
     deployed = tmp_path / "deployed"

@@ -156,3 +156,25 @@ def test_train_grad_clip_reaches_the_loop_from_a_config(tmp_path, capsys):
     assert main(["run", config, "--out", str(tmp_path / "bad"), *tiny, "--set", "train.grad_clip=0"]) == 2
     assert "train.grad_clip: must be a number > 0 or null" in capsys.readouterr().err
     assert main(["run", config, "--out", str(tmp_path / "ok"), *tiny, "--set", "train.grad_clip=0.01"]) == 0
+
+
+def test_collapsed_class_is_one_class_answered_for_a_test_set_of_several():
+    from incremental.guards import collapsed_class
+
+    assert collapsed_class(torch.tensor([0.0, 0.0, 7.0]), true_classes=2) == 2
+    assert collapsed_class(torch.tensor([3.0, 0.0, 4.0]), true_classes=2) is None  # two classes answered
+    assert collapsed_class(torch.tensor([0.0, 5.0]), true_classes=1) is None  # a one-class test set
+    assert collapsed_class(torch.tensor([1.0, 0.0]), true_classes=2) is None  # one sample says nothing
+
+
+def test_the_accumulator_counts_predicted_classes_as_the_head_grows():
+    from incremental.trainer import ClassificationAccumulator
+
+    acc = ClassificationAccumulator(nn.CrossEntropyLoss())
+    acc.update(torch.tensor([[5.0, 0.0], [4.0, 1.0]]), torch.tensor([0, 1]))  # always class 0
+    r = acc.result()
+    assert (r["predicted_classes"], r["true_classes"], r["collapsed_to"]) == (1, 2, 0)
+    acc.update(torch.tensor([[0.0, 0.0, 9.0]]), torch.tensor([2]))  # a grown head answers class 2
+    r = acc.result()
+    assert (r["predicted_classes"], r["true_classes"], r["collapsed_to"]) == (2, 3, -1)
+    assert r["accuracy"] == pytest.approx(2 / 3)

@@ -20,6 +20,7 @@ import torch
 from ..config import ConfigError, check
 from ..data import Experience
 from ..distributed import resolve_device
+from ..guards import CollapsedModelError
 from ..metrics import format_matrix, summarize
 from ..models import MODELS, TORCHVISION_PREFIX, build_model
 from ..models import model_kwargs as architecture_kwargs
@@ -167,6 +168,9 @@ class ClassificationRun(Run):
         else:
             self.trainer.train(stream[i])
         results = self.last_eval = self.trainer.eval(self.benchmark.test_stream)
+        just_learned = results[i]
+        if just_learned.get("collapsed_to", -1) >= 0:  # finite loss, useless model: refused like divergence
+            raise CollapsedModelError(i, just_learned["collapsed_to"], just_learned["true_classes"])
         row = [results[j]["accuracy"] for j in range(self.n_steps)]
         self.accuracy_matrix.append(row)
         self.train_time_s += time.perf_counter() - start
