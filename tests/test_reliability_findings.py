@@ -126,6 +126,16 @@ def test_1_a_collapsed_run_stops_like_a_diverged_one(tmp_path, monkeypatch):
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["exp_001.pt"]
 
 
+def test_1_a_model_that_never_told_classes_apart_is_left_to_the_accuracy_matrix(tmp_path, monkeypatch):
+    # dead from the first experience on (as a barely trained model may answer one class): not a collapse
+    # the run caused, so it finishes and reports its (chance) accuracy
+    _dead_network_after(monkeypatch, experience=0)
+    out = tmp_path / "run"
+    code, _, err = run_main(["run", str(ROOT / "configs/split_digits_naive.yaml"), "--out", str(out), *TINY_RUN])
+    assert code == 0, err
+    assert (out / "model.pt").exists()
+
+
 def test_1_a_diverging_update_writes_nothing(tmp_path, monkeypatch):
     _nan_loss_at(monkeypatch, experience=0, iteration=2)
     deployed = tmp_path / "deployed"
