@@ -16,9 +16,8 @@ does; either way ``mb_history`` stays visible to plugins.
 """
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 import random
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -33,7 +32,7 @@ from .data import (
     Batch, EpochBatchSampler, TensorSamples, as_batch, batch_indices, batch_size_of, concat_batches, dataset_labels,
     eval_view, global_batch_sizes, in_memory, make_loader, move_to, train_view,
 )
-from .guards import LossGuard
+from .guards import LossGuard, collapsed_class
 from .plugins import ALL_CALLBACKS, overrides
 
 
@@ -118,22 +117,16 @@ class ClassificationAccumulator:
                 dist_utils.all_reduce_sum_(counts)
 
     def result(self) -> dict[str, float]:
+        true_classes = 0 if self.labels is None else int((self.labels > 0).sum())
+        collapsed = None if self.predicted is None else collapsed_class(self.predicted, true_classes)
         return {
             "accuracy": self.correct / max(self.count, 1),
             "loss": self.loss_sum / self.loss_count if self.loss_count else float("nan"),
             "count": self.count,
             "predicted_classes": 0 if self.predicted is None else int((self.predicted > 0).sum()),
-            "true_classes": 0 if self.labels is None else int((self.labels > 0).sum()),
-            "collapsed_to": -1 if self.predicted is None else _collapsed(self.predicted, self.labels),
+            "true_classes": true_classes,
+            "collapsed_to": -1 if collapsed is None else collapsed,  # the one class answered, or -1
         }
-
-
-def _collapsed(predicted: torch.Tensor, labels: torch.Tensor | None) -> int:
-    from .guards import collapsed_class
-
-    true_classes = 0 if labels is None else int((labels > 0).sum())
-    found = collapsed_class(predicted, true_classes)
-    return -1 if found is None else found
 
 
 def experience_classes(experience: Any, dataset: Any) -> list[int]:
@@ -321,8 +314,8 @@ class Trainer:
         loss.backward(retain_graph=self.retain_graph)
 
     def optimizer_step(self) -> None:
-        if self.grad_clip is not None:
-            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.grad_clip is not None:  # (parameters without a gradient are skipped by clip_grad_norm_)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)  # on the device: no host sync
         self.optimizer.step()
 

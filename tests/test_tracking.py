@@ -3,7 +3,6 @@ the loop's iterations, TensorBoard files read back with tensorboard's reader, W&
 one-line error for a logger whose extra is not installed."""
 from __future__ import annotations
 
-import csv
 import io
 import math
 from pathlib import Path
@@ -23,14 +22,10 @@ from incremental.tracking import names
 from incremental.tracking.csv_logger import CSVLogger
 from incremental.tracking.images import matrix_image
 from incremental.trainer import Trainer
+from tests.tracking_helpers import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "train.epochs=2", "--set", "scenario.n_experiences=3", "--set", "model.hidden_size=32", "--quiet"]
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 # ---------------------------------------------------------------------------------------------- names

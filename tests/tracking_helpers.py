@@ -6,12 +6,14 @@ import csv
 from pathlib import Path
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def assert_logged(run_dir: Path, experiences: int) -> None:
     logs = Path(run_dir) / "logs"
-    with open(logs / "iterations.csv", newline="") as f:
-        iterations = list(csv.DictReader(f))
-    with open(logs / "eval.csv", newline="") as f:
-        evaluations = list(csv.DictReader(f))
+    iterations, evaluations = read_csv(logs / "iterations.csv"), read_csv(logs / "eval.csv")
     loss = "Loss_MB/train_phase/train_stream"  # Avalanche's name, as every logger writes it
     assert iterations and all(float(r[loss]) == float(r[loss]) for r in iterations), "no training loss logged"
     assert [int(r["iteration"]) for r in iterations] == list(range(len(iterations)))
