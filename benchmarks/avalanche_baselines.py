@@ -15,13 +15,28 @@ from torch import nn
 NAMES = ("Naive", "Replay", "AGEM", "GSS_greedy", "ER_ACE", "DER")
 
 
+def grad_clip_plugin(max_norm: float) -> Any:
+    """Clips the gradient's norm where this project's loop does (``train.grad_clip``): after every loss
+    term's backward, right before the optimizer step (Avalanche's ``before_update``)."""
+    from avalanche.core import SupervisedPlugin
+
+    class ClipGradNorm(SupervisedPlugin):
+        def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            torch.nn.utils.clip_grad_norm_(strategy.model.parameters(), max_norm)
+
+    return ClipGradNorm()
+
+
 def avalanche_strategy(name: str, model: nn.Module, *, mem: int, lr: float, batch: int, epochs: int,
-                       eval_batch: int, n_experiences: int, input_size: Sequence[int], evaluator: Any) -> Any:
-    """Avalanche's ``name`` strategy on ``model`` with plain SGD, memory batch = training batch."""
+                       eval_batch: int, n_experiences: int, input_size: Sequence[int], evaluator: Any,
+                       grad_clip: float | None = None) -> Any:
+    """Avalanche's ``name`` strategy on ``model`` with plain SGD, memory batch = training batch;
+    ``grad_clip`` clips the gradient norm before each optimizer step, as ``train.grad_clip`` does."""
     from avalanche.training import AGEM, DER, ER_ACE, GSS_greedy, Naive, Replay
 
     common = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), criterion=nn.CrossEntropyLoss(),
-                  train_mb_size=batch, train_epochs=epochs, eval_mb_size=eval_batch, evaluator=evaluator)
+                  train_mb_size=batch, train_epochs=epochs, eval_mb_size=eval_batch, evaluator=evaluator,
+                  plugins=[grad_clip_plugin(grad_clip)] if grad_clip else None)
     builders = {
         "Naive": lambda: Naive(**common),
         "Replay": lambda: Replay(mem_size=mem, **common),

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from incremental.config import from_dict  # noqa: E402
+from incremental.guards import DivergedError  # noqa: E402
 from incremental.io import save_figure, write_json  # noqa: E402
 from incremental.metrics import summarize  # noqa: E402
 from incremental.models import MLP  # noqa: E402
@@ -63,6 +64,9 @@ NO_MEMORY = ("ours naive", "ours lwf", "ours ewc", "ours cumulative", "ours join
 AVALANCHE_REHEARSAL = ("Replay", "DER", "ER_ACE", "AGEM", "GSS_greedy")
 #: Gradient-mixing variants run by default: ``rule:policy`` (``policy`` empty: the plugin's default).
 DEFAULT_GM = ("similarity_der:herding", "similarity:reservoir")
+#: ``--grad-clip``: the gradient-norm bound every implementation clips to before its optimizer step (None:
+#: no clipping); a run with it is labelled ``<label> (clip N)``.
+GRAD_CLIP: float | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,16 +112,32 @@ def ours(strategy: str, seed: int, epochs: int, mem: int, rule: str | None = Non
         "seed": seed, "scenario": scenario_options(seed),
         "strategy": {"name": strategy, "mem_size": mem, "rule": rule, "storage_policy": policy,
                      "gradient_pass": gradient_pass, **options},
-        "train": {"epochs": epochs, "batch_size": BATCH, "lr": lr, "threads": 1, "eval_batch_size": EVAL_BATCH},
+        "train": {"epochs": epochs, "batch_size": BATCH, "lr": lr, "threads": 1, "eval_batch_size": EVAL_BATCH,
+                  "grad_clip": GRAD_CLIP},
         "model": {"name": "mlp", "hidden_size": HIDDEN, "hidden_layers": LAYERS},
     })
     runner = classification.ClassificationRun(cfg)
     if draw is not None and runner.trainer.history is not None:
         runner.trainer.history.generator.manual_seed(1_000 + draw)
     cpu = time.process_time()
-    for i in range(runner.n_experiences):
-        runner.step(i)
+    try:
+        for i in range(runner.n_experiences):
+            runner.step(i)
+    except DivergedError as exc:
+        # The run stops (exit 3 on the command line); Avalanche's strategies train on with the broken
+        # weights. Scored as what that model would be: its evaluation now, repeated for every experience
+        # it did not train, so a failure counts in the means instead of leaving the table.
+        row = evaluate_broken(runner)
+        R = runner.accuracy_matrix + [row] * (runner.n_experiences - len(runner.accuracy_matrix))
+        return {"R": R, "time_s": runner.train_time_s, "cpu_s": time.process_time() - cpu, "failed": str(exc)}
     return {"R": runner.accuracy_matrix, "time_s": runner.train_time_s, "cpu_s": time.process_time() - cpu}
+
+
+def evaluate_broken(runner: classification.ClassificationRun) -> list[float]:
+    """The accuracy row of a model whose run stopped (NaN weights predict class 0 everywhere, as in
+    Avalanche); ``ClassificationRun.step``'s own guard is not in the way of a plain evaluation."""
+    results = runner.trainer.eval(runner.benchmark.test_stream)
+    return [results[j]["accuracy"] for j in range(runner.n_experiences)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,7 +164,8 @@ def avalanche(name: str, seed: int, epochs: int, mem: int) -> dict[str, Any]:
     bench = avalanche_benchmark(seed)
     strategy = avalanche_strategy(name, make_model(seed), mem=mem, lr=LR, batch=BATCH, epochs=epochs,
                                   eval_batch=EVAL_BATCH, n_experiences=N_EXP, input_size=[1, 28, 28],
-                                  evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]))
+                                  evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
+                                  grad_clip=GRAD_CLIP)
     R = []
     start, cpu = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
@@ -188,6 +209,8 @@ def hand_written(seed: int, epochs: int, mem: int) -> dict[str, Any]:
                     xb, yb = torch.cat([xb, buf_x[hidx]]), torch.cat([yb, buf_y[hidx]])
                 opt.zero_grad()
                 loss_fn(model(xb), yb).backward()
+                if GRAD_CLIP:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
                 opt.step()
         if mem:  # reservoir sampling, one draw per sample
             draws = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
@@ -246,8 +269,18 @@ def plan(gm_specs: Sequence[str], skip: Sequence[str]) -> tuple[list[tuple[str, 
         *[(gm_label(spec), gm_run(spec)) for spec in gm_specs],
         *[(f"avalanche {name}", lambda s, e, m, name=name: avalanche(name, s, e, m)) for name in AVALANCHE_REHEARSAL],
     ]
-    keep = lambda runs: [(label, fn) for label, fn in runs if not any(k in label for k in skip)]  # noqa: E731
+    keep = lambda runs: [(labelled(label), fn) for label, fn in runs if not any(k in label for k in skip)]  # noqa: E731
     return keep(free), keep(rehearsal)
+
+
+def labelled(label: str) -> str:
+    """A strategy's label in this run's log: ``(clip N)`` appended under ``--grad-clip``."""
+    return label + (f" (clip {GRAD_CLIP:g})" if GRAD_CLIP else "")
+
+
+def base_label(label: str) -> str:
+    """The strategy's label without the ``(clip N)`` suffix of ``--grad-clip`` runs."""
+    return label.split(" (clip ")[0]
 
 
 def load_log(path: Path) -> list[dict[str, Any]]:
@@ -281,6 +314,8 @@ def run_grid(args: argparse.Namespace) -> None:
         out = draws_run(label, seed, epochs, mem, draw) if draw is not None else fn(seed, epochs, mem)
         record = {"label": label, "seed": seed, "epochs": epochs, "mem": mem, "draw": draw, "time_s": out["time_s"],
                   "cpu_s": out.get("cpu_s"), "accuracy_matrix": out["R"], **summarize(out["R"])}
+        if "failed" in out:
+            record["failed"] = out["failed"]
         append_log(args.log, record)
         if not args.quiet:
             tqdm.write(f"{label:55s} seed {seed} epochs {epochs} mem {mem:3d} draw {draw}: "
@@ -290,6 +325,7 @@ def run_grid(args: argparse.Namespace) -> None:
 
 def draws_run(label: str, seed: int, epochs: int, mem: int, draw: int) -> dict[str, Any]:
     """The library-draw experiment: same run seed, only the history library's generator changes."""
+    label = base_label(label)
     if label == "ours replay":
         return ours("replay", seed, epochs, mem, draw=draw)
     rule, _, policy = label.removeprefix("ours gradient mixing: ").partition(" + ")
@@ -342,7 +378,7 @@ def _std(values: Sequence[float]) -> float:
 def table(records: list[dict[str, Any]], epochs: int, mem: int) -> dict[str, dict[str, Any]]:
     """Per label at (epochs, mem): mean/std of accuracy, forgetting, time, and time ratios inside seed blocks."""
     rows = [r for r in records if r["epochs"] == epochs and r["mem"] in (mem, 0) and r.get("draw") is None
-            and (r["mem"] == mem or r["label"] in NO_MEMORY)]
+            and (r["mem"] == mem or base_label(r["label"]) in NO_MEMORY)]
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_label.setdefault(r["label"], []).append(r)
@@ -358,7 +394,8 @@ def table(records: list[dict[str, Any]], epochs: int, mem: int) -> dict[str, dic
         cpu = [r["cpu_s"] for r in runs if r.get("cpu_s")]
         entry = {"seeds": sorted(r["seed"] for r in runs), "average_accuracy_mean": statistics.mean(acc),
                  "average_accuracy_std": _std(acc), "forgetting_mean": statistics.mean(fgt),
-                 "forgetting_std": _std(fgt), "wall_s_mean": statistics.mean(r["time_s"] for r in runs)}
+                 "forgetting_std": _std(fgt), "wall_s_mean": statistics.mean(r["time_s"] for r in runs),
+                 "failed": sum("failed" in r for r in runs)}
         if cpu:
             entry["time_s_mean"] = statistics.mean(cpu)
         ratios = [r["cpu_s"] / ref[r["seed"]] for r in runs if r["seed"] in ref and r.get("cpu_s")]
@@ -372,6 +409,42 @@ def table(records: list[dict[str, Any]], epochs: int, mem: int) -> dict[str, dic
     return out
 
 
+def paired_table(records: list[dict[str, Any]], epochs: int, mem: int, reference: str) -> dict[str, dict[str, Any]]:
+    """``reference`` minus every other rehearsal run on the same seeds, at (epochs, mem): mean and std of
+    the per-seed differences (accuracy and forgetting, points), the two-sided 95% t interval of the mean,
+    and on how many seeds ``reference`` is ahead. Seeds share data, class order and initialisation, so
+    the pairs remove most of what the seed changes (the spread of a mean over seeds does not)."""
+    from scipy.stats import t as student_t
+
+    runs = {(r["label"], r["seed"]): r for r in records
+            if r["epochs"] == epochs and r["mem"] == mem and r.get("draw") is None}
+    ours = {seed: r for (label, seed), r in runs.items() if label == reference}
+    out = {}
+    for label in sorted({label for label, _ in runs} - {reference}):
+        seeds = sorted(seed for (other, seed) in runs if other == label and seed in ours)
+        if len(seeds) < 2:
+            continue
+        entry: dict[str, Any] = {"seeds": seeds}
+        half = student_t.ppf(0.975, len(seeds) - 1) / len(seeds) ** 0.5
+        for key in ("average_accuracy", "forgetting"):
+            diffs = [100 * (ours[seed][key] - runs[(label, seed)][key]) for seed in seeds]
+            mean, std = statistics.mean(diffs), statistics.stdev(diffs)
+            entry[key] = {"mean": mean, "std": std, "ci95": [mean - half * std, mean + half * std]}
+        entry["ahead"] = sum(ours[seed]["average_accuracy"] > runs[(label, seed)]["average_accuracy"] for seed in seeds)
+        out[label] = entry
+    return out
+
+
+def format_paired(paired: dict[str, dict[str, Any]], reference: str, epochs: int, mem: int) -> list[str]:
+    lines = [f"epochs {epochs}, memory {mem}: {reference} minus each, per seed (points), mean ± std [95% t interval]",
+             f"{'against':52s} | accuracy                    | ahead | forgetting"]
+    for label, e in paired.items():
+        a, f = e["average_accuracy"], e["forgetting"]
+        lines.append(f"{label:52s} | {a['mean']:+5.1f} ± {a['std']:3.1f} [{a['ci95'][0]:+5.1f}, {a['ci95'][1]:+5.1f}] | "
+                     f"{e['ahead']}/{len(e['seeds'])}  | {f['mean']:+5.1f} ± {f['std']:3.1f} [{f['ci95'][0]:+5.1f}, {f['ci95'][1]:+5.1f}]")
+    return lines
+
+
 def draws_table(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Spread over library draws: per (label, seed, epochs, mem), mean and std over draws."""
     groups: dict[tuple, list[float]] = {}
@@ -383,11 +456,16 @@ def draws_table(records: list[dict[str, Any]]) -> dict[str, Any]:
         for (label, seed, epochs, mem), v in sorted(groups.items())}
 
 
+def shown(label: str, entry: dict[str, Any]) -> str:
+    """The label, with how many of its runs stopped (diverged or collapsed) when any did."""
+    return label + (f" [{entry['failed']} stopped]" if entry.get("failed") else "")
+
+
 def format_table(t: dict[str, dict[str, Any]], epochs: int, mem: int) -> list[str]:
     lines = [f"epochs {epochs}, memory {mem}: mean ± std over seeds (points); time = CPU s of train + eval of every experience",
              f"{'strategy':52s} | avg acc     | forgetting  | time s | / Av. Naive | / hand-written"]
     for label, e in sorted(t.items(), key=lambda kv: -kv[1]["average_accuracy_mean"]):
-        lines.append(f"{label:52s} | {100 * e['average_accuracy_mean']:5.1f} ± {100 * e['average_accuracy_std']:3.1f} | "
+        lines.append(f"{shown(label, e):52s} | {100 * e['average_accuracy_mean']:5.1f} ± {100 * e['average_accuracy_std']:3.1f} | "
                      f"{100 * e['forgetting_mean']:5.1f} ± {100 * e['forgetting_std']:3.1f} | {e.get('time_s_mean', float('nan')):6.1f} | "
                      f"{e.get('time_over_avalanche_naive', float('nan')):10.2f} | {e.get('time_over_hand_written', float('nan')):6.2f}")
     return lines
@@ -409,7 +487,8 @@ def markdown(tables: dict[str, dict[str, Any]], time_key: str) -> list[str]:
         t = tables.get(time_key, {}).get(label, {})
         timing = [f"{t['time_s_mean']:.1f}" if "time_s_mean" in t else "", f"{t['time_over_avalanche_naive']:.2f}" if "time_over_avalanche_naive" in t else "",
                   f"{t['time_over_hand_written']:.2f}" if "time_over_hand_written" in t else ""]
-        lines.append(f"| {label} | " + " | ".join(cells + timing) + " |")
+        failed = sum(tables[k].get(label, {}).get("failed", 0) for k in keys)
+        lines.append(f"| {shown(label, {'failed': failed})} | " + " | ".join(cells + timing) + " |")
     return lines
 
 
@@ -428,7 +507,9 @@ def plot(tables: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("average accuracy (%)")
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("Split Fashion-MNIST (5 x 2), MLP 784-256-256-10, mean ± std over 3 seeds")
+    n_seeds = max(len(v["seeds"]) for t in tables.values() for v in t.values())
+    clip = f", gradient norm clipped at {GRAD_CLIP:g}" if GRAD_CLIP else ""
+    fig.suptitle(f"Split Fashion-MNIST (5 x 2), MLP 784-256-256-10{clip}, mean ± std over {n_seeds} seeds")
     fig.tight_layout()
     save_figure(path, fig, dpi=90)
 
@@ -442,6 +523,14 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             if t:
                 tables[f"epochs {epochs}, memory {mem}"] = t
                 lines += ["", *format_table(t, epochs, mem)]
+    reference = labelled(gm_label(args.gm[0]))  # the first --gm variant
+    paired = {}
+    for epochs in args.epochs:
+        for mem in args.mems:
+            p = paired_table(records, epochs, mem, reference)
+            if p:
+                paired[f"epochs {epochs}, memory {mem}"] = p
+                lines += ["", *format_paired(p, reference, epochs, mem)]
     spread = draws_table(records)
     if spread:
         lines += ["", "library draws (same run seed, only the library's generator changes): accuracy points"]
@@ -452,7 +541,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         part = {k: v for k, v in tables.items() if k.startswith(f"epochs {epochs},")}
         if part:
             md += ["", *markdown(part, next(iter(part)))]
-    out = {"protocol": __doc__.split("\n\n")[1], "tables": tables, "library_draws": spread, "lines": lines,
+    out = {"protocol": __doc__.split("\n\n")[1], "tables": tables, "paired": {"reference": reference, **paired},
+           "library_draws": spread, "lines": lines,
            "markdown": md, "runs": records}
     write_json(args.out, out)
     if tables:
@@ -480,8 +570,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timing-epochs", type=int, default=1)
     parser.add_argument("--timing-out", type=Path, default=RESULTS / "split_fashion_mnist_timing.json")
+    parser.add_argument("--grad-clip", type=float, default=None,
+                        help="clip every implementation's gradient norm to this before each optimizer step")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    global GRAD_CLIP
+    GRAD_CLIP = args.grad_clip
     if args.quick:
         args.seeds, args.epochs, args.mems = [0], [1], [200]
         args.log, args.out = RESULTS / "split_fashion_mnist_quick_runs.jsonl", RESULTS / "split_fashion_mnist_quick.json"

@@ -41,7 +41,7 @@ class CollapsedModelError(DivergedError):
     def __init__(self, experience: int, predicted: int, n_classes: int) -> None:
         self.experience, self.predicted, self.n_classes = experience, predicted, n_classes
         super().__init__(f"training collapsed: after experience {experience} the model predicts class {predicted} for "
-                         f"every test sample of the {n_classes} classes it has just learned (dead units after a burst of "
+                         f"every test sample of a test set of {n_classes} classes (dead units after a burst of "
                          "large gradients, or too little training: lower the learning rate, set train.grad_clip, "
                          "or train longer)")
 

@@ -43,7 +43,8 @@ class LogitMemory:
             old = self.table[keep[~is_new]]
             k = min(old.shape[1], width)
             table[~is_new, :k] = old[:, :k]
-        table[new_slots] = fresh
+        if len(new_slots):  # an update may keep only samples it held (no fresh rows: a (0, 0) tensor)
+            table[new_slots] = fresh
         self.table = table
 
     @staticmethod

@@ -114,6 +114,27 @@ def test_logit_memory_follows_the_library_slots(digits) -> None:
     assert torch.equal(batch[0], library.samples.x[library.last_indices])
 
 
+def test_logit_memory_follows_an_update_that_keeps_only_old_samples(digits) -> None:
+    # herding on a network whose features are all equal (here: dead, all weights zero) keeps the samples
+    # it held; the table must keep their rows (this raised a shape error at the end of a collapsed
+    # transfer adaptation instead of reaching the collapse guard)
+    torch.manual_seed(0)
+    model = MLP(64, 16, 10)
+    library = HistoryLibrary(30, HerdingPolicy(), seed=0)
+    memory = LogitMemory()
+    library.update(digits.train_stream[0].dataset, strategy=_Strategy(model))
+    memory.refresh(library, model, "cpu")
+    before = memory.table.clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    library.update(digits.train_stream[0].dataset, strategy=_Strategy(model))
+    keep, n_before = library.last_update
+    assert n_before == 30 and bool((keep < n_before).all())  # nothing new came in
+    memory.refresh(library, model, "cpu")
+    assert torch.equal(memory.table, before[keep])
+
+
 def test_logit_memory_is_rebuilt_after_a_resume(digits) -> None:
     torch.manual_seed(0)
     model = MLP(64, 16, 10)

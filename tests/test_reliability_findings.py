@@ -126,6 +126,25 @@ def test_1_a_collapsed_run_stops_like_a_diverged_one(tmp_path, monkeypatch):
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["exp_001.pt"]
 
 
+def test_1_a_collapsed_transfer_adaptation_stops_and_the_resumed_run_still_refuses_it(tmp_path, monkeypatch):
+    # the adaptation (step 1) kills the network: the deployed meta model's checkpoint is all that is left,
+    # and a --resume from it, which starts with the guard's flag from the checkpoint, refuses it again
+    _dead_network_after(monkeypatch, experience=1)
+    out = tmp_path / "run"
+    args = ["run", str(ROOT / "configs/digits_transfer.yaml"), "--out", str(out), "--quiet",
+            "--set", "general.epochs=1", "--set", "train.epochs=2", "--set", "model.hidden_size=16"]
+    code, _, err = run_main(args)
+    assert code == 3, err
+    assert err.count("\n") == 1 and "collapsed" in err and "after experience 1" in err and "class 0" in err, err
+    assert not (out / "model.pt").exists() and not (out / "results.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["exp_001.pt"]
+    from incremental.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "checkpoints" / "exp_001.pt")["extra"]["answered_several"] is True
+    code, _, err = run_main([*args, "--resume"])
+    assert code == 3 and "collapsed" in err, err
+
+
 def test_1_a_model_that_never_told_classes_apart_is_left_to_the_accuracy_matrix(tmp_path, monkeypatch):
     # dead from the first experience on (as a barely trained model may answer one class): not a collapse
     # the run caused, so it finishes and reports its (chance) accuracy

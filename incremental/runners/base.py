@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..buffer import STORAGE_POLICIES, HistoryLibrary
 from ..config import ConfigError, check
 from ..distributed import is_main_process
+from ..guards import CollapsedModelError
 from ..tracking import LoggingConfig, Tracker, build_tracker
 from ..trainer import seed_everything
 
@@ -212,6 +213,7 @@ class Run:
         self.trainer: Any = None
         self.plugins: list[Any] = []
         self.tracker: Tracker | None = None  # set by execute() before the first step
+        self.answered_several = False  # whether the model has told two classes apart (the collapse guard)
 
     # -- shared pieces -------------------------------------------------------------------------
     def make_history(self, collate_fn: Callable | None = None) -> HistoryLibrary | None:
@@ -244,6 +246,20 @@ class Run:
         from strategies.registry import build_plugins
 
         build_plugins(self.cfg.strategy.plugins, hooks, defaults={"seed": self.cfg.seed})
+
+    def refuse_collapse(self, i: int, evaluated: Mapping[str, Any]) -> None:
+        """The collapse guard, on one test set's evaluation (the keys of
+        :class:`incremental.trainer.ClassificationAccumulator`) after step ``i``.
+
+        A model that told classes apart and now answers one class for a whole test set of several has
+        collapsed (dead units after a burst of large gradients): its loss is finite, so the loss guard
+        cannot see it, and yet it is refused like a diverged one (exit 3, no checkpoint of this step, no
+        package). One that never told classes apart, as a barely trained first step may not, is left to
+        the accuracy matrix.
+        """
+        if evaluated.get("collapsed_to", -1) >= 0 and self.answered_several:
+            raise CollapsedModelError(i, evaluated["collapsed_to"], evaluated["true_classes"])
+        self.answered_several |= evaluated.get("predicted_classes", 0) >= 2
 
     def plugin(self, attribute: str) -> Any:
         """The first plugin that has ``attribute`` (e.g. ``plot_stats``), or None."""
@@ -280,10 +296,13 @@ class Run:
         pass
 
     def extra_state(self) -> dict[str, Any]:
-        """Checkpointed beside the loop's state: every plugin's own state (those that have one)."""
-        return {"plugins": [p.state_dict() if hasattr(p, "load_state_dict") else None for p in self.plugins]}
+        """Checkpointed beside the loop's state: every plugin's own state (those that have one) and the
+        collapse guard's flag."""
+        return {"plugins": [p.state_dict() if hasattr(p, "load_state_dict") else None for p in self.plugins],
+                "answered_several": self.answered_several}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.answered_several = bool(state.get("answered_several", False))
         for plugin, saved in zip(self.plugins, state.get("plugins", [])):
             if saved is not None:
                 plugin.load_state_dict(saved)

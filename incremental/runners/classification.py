@@ -20,7 +20,6 @@ import torch
 from ..config import ConfigError, check
 from ..data import Experience
 from ..distributed import resolve_device
-from ..guards import CollapsedModelError
 from ..metrics import format_matrix, summarize
 from ..models import MODELS, TORCHVISION_PREFIX, build_model
 from ..models import model_kwargs as architecture_kwargs
@@ -134,7 +133,6 @@ class ClassificationRun(Run):
         n_out = (max(first) + 1) if cfg.model.growing_head else self.benchmark.n_classes
         self.model = self.new_model(n_out)
         self.initial_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.answered_several = False  # whether the model has told two classes apart (the collapse guard)
         self.trainer = Trainer(
             self.model, make_optimizer(cfg.train, self.model), torch.nn.CrossEntropyLoss(),
             train_mb_size=cfg.train.batch_size, train_epochs=cfg.train.epochs,
@@ -143,13 +141,6 @@ class ClassificationRun(Run):
             history_mb_size=cfg.strategy.history.batch_size, seed=cfg.seed, progress=progress, amp=cfg.train.amp,
             num_workers=cfg.train.num_workers, grad_clip=cfg.train.grad_clip,
         )
-
-    def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "answered_several": self.answered_several}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        super().load_extra_state(state)
-        self.answered_several = bool(state.get("answered_several", False))
 
     def new_model(self, n_out: int) -> torch.nn.Module:
         return build_classifier(self.cfg.model, n_out, self.benchmark.input_shape)
@@ -176,13 +167,7 @@ class ClassificationRun(Run):
         else:
             self.trainer.train(stream[i])
         results = self.last_eval = self.trainer.eval(self.benchmark.test_stream)
-        just_learned = results[i]
-        # A model that told classes apart and now answers one class for all of them has collapsed: its
-        # loss is finite, and yet it is refused like a diverged one. (One that never told them apart,
-        # as a barely trained first experience may not, is left to the accuracy matrix.)
-        if just_learned.get("collapsed_to", -1) >= 0 and self.answered_several:
-            raise CollapsedModelError(i, just_learned["collapsed_to"], just_learned["true_classes"])
-        self.answered_several |= just_learned.get("predicted_classes", 0) >= 2
+        self.refuse_collapse(i, results[i])  # on the classes it has just learned
         row = [results[j]["accuracy"] for j in range(self.n_steps)]
         self.accuracy_matrix.append(row)
         self.train_time_s += time.perf_counter() - start
