@@ -212,6 +212,20 @@ def transfer_config(scenario: str) -> dict[str, Any]:
 FASHION_RULES: list[str] = []
 
 
+def fashion_rule(spec: str) -> str:
+    """``RULE`` or ``RULE:LOGIT_WEIGHT``, checked when the command line is read."""
+    rule, _, weight = spec.partition(":")
+    if rule not in RULES:
+        raise argparse.ArgumentTypeError(f"unknown rule {rule!r}; known: {', '.join(sorted(RULES))}")
+    if weight:
+        try:
+            if float(weight) < 0:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{spec}: the logit weight must be a number >= 0") from None
+    return spec
+
+
 def transfer_plan(scenario: str, shots: int) -> list[tuple[str, dict[str, Any]]]:
     """(label, strategy section) in run order; the first one (fine-tuning) trains the meta model."""
     plan: list[tuple[str, dict[str, Any]]] = [
@@ -222,8 +236,12 @@ def transfer_plan(scenario: str, shots: int) -> list[tuple[str, dict[str, Any]]]
          {"name": "gradient_mixing", "rule": "similarity", "storage_policy": "reservoir"}),
     ]
     if scenario == "fashion_transfer":
-        plan += [(f"gradient mixing: {rule} + {DEFAULT_POLICY}", {"name": "gradient_mixing", "rule": rule})
-                 for rule in FASHION_RULES]
+        for spec in FASHION_RULES:  # rule[:logit_weight]
+            rule, _, weight = spec.partition(":")
+            options = {"logit_weight": float(weight)} if weight else {}
+            extra = f" [logit_weight={float(weight):g}]" if weight else ""
+            plan.append((f"gradient mixing: {rule} + {DEFAULT_POLICY}{extra}",
+                         {"name": "gradient_mixing", "rule": rule, **options}))
     if scenario == "digits_transfer":
         plan += [(f"gradient mixing: {rule} + {DEFAULT_POLICY}", {"name": "gradient_mixing", "rule": rule})
                  for rule in ("sum_der", "pcgrad_der", "mega_der", "agem")]
@@ -544,8 +562,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parts = ["split", "transfer", "fashion_transfer", "cost", "insertion", "stale"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--fashion-shots", type=int, nargs="+", default=[10])
-    parser.add_argument("--fashion-rules", nargs="*", default=[], choices=sorted(RULES),
-                        help="gradient mixing rules run on fashion_transfer beside the default")
+    parser.add_argument("--fashion-rules", nargs="*", default=[], type=fashion_rule,
+                        help="gradient mixing rules run on fashion_transfer beside the default: RULE or "
+                             "RULE:LOGIT_WEIGHT (e.g. similarity_der:1.0)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gradient_mixing[_quick].json)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

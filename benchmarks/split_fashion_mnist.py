@@ -242,14 +242,29 @@ def hand_written(seed: int, epochs: int, mem: int) -> dict[str, Any]:
 # The grid
 # --------------------------------------------------------------------------------------------------
 
+def parse_gm(spec: str) -> tuple[str, str | None, dict[str, float]]:
+    """``rule[:policy[:key=value,...]]`` -> (rule, policy or None, plugin options), e.g.
+    ``similarity_der:herding:logit_weight=1.0``."""
+    rule, _, rest = spec.partition(":")
+    policy, _, opts = rest.partition(":")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--gm {spec}: options are key=value, got {item!r}")
+        options[key] = float(value)
+    return rule, policy or None, options
+
+
 def gm_label(spec: str) -> str:
-    rule, _, policy = spec.partition(":")
-    return f"ours gradient mixing: {rule}" + (f" + {policy}" if policy else "")
+    rule, policy, options = parse_gm(spec)
+    extra = ", ".join(f"{k}={v:g}" for k, v in options.items())
+    return f"ours gradient mixing: {rule}" + (f" + {policy}" if policy else "") + (f" [{extra}]" if extra else "")
 
 
 def gm_run(spec: str) -> Callable[[int, int, int], dict[str, Any]]:
-    rule, _, policy = spec.partition(":")
-    return lambda seed, epochs, mem: ours("gradient_mixing", seed, epochs, mem, rule=rule, policy=policy or None)
+    rule, policy, options = parse_gm(spec)
+    return lambda seed, epochs, mem: ours("gradient_mixing", seed, epochs, mem, rule=rule, policy=policy, **options)
 
 
 def plan(gm_specs: Sequence[str], skip: Sequence[str]) -> tuple[list[tuple[str, Callable]], list[tuple[str, Callable]]]:

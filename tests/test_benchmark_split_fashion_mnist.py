@@ -51,3 +51,13 @@ def test_clip_labels_keep_memory_free_runs_in_every_memory_column(monkeypatch) -
     assert bench.base_label("ours naive (clip 5)") == "ours naive"
     records = [{**_record("ours naive (clip 5)", 0, 0.2, 0.9), "mem": 0}]
     assert "ours naive (clip 5)" in bench.table(records, 1, 500)
+
+
+def test_gm_specs_carry_plugin_options_into_the_label() -> None:
+    assert bench.parse_gm("similarity_der:herding:logit_weight=1.0") == ("similarity_der", "herding", {"logit_weight": 1.0})
+    assert bench.parse_gm("sum_der") == ("sum_der", None, {})
+    assert bench.gm_label("similarity_der:herding:logit_weight=1.0") == \
+        "ours gradient mixing: similarity_der + herding [logit_weight=1]"
+    assert bench.gm_label("similarity_der:herding") == "ours gradient mixing: similarity_der + herding"
+    with pytest.raises(SystemExit, match="key=value"):
+        bench.parse_gm("similarity_der:herding:logit_weight")
