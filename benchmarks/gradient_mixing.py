@@ -208,6 +208,9 @@ def transfer_config(scenario: str) -> dict[str, Any]:
     return load_yaml(ROOT / "configs" / f"{scenario}.yaml")
 
 
+#: ``--transfer-grad-clip``: every transfer run's ``train.grad_clip`` (None: the shipped config's).
+TRANSFER_GRAD_CLIP: float | None = None
+
 #: Rules run on fashion_transfer beside the default (``--fashion-rules``; digits_transfer runs its own list).
 FASHION_RULES: list[str] = []
 
@@ -272,7 +275,8 @@ def transfer_seed(scenario: str, seed: int, shots: int, mem: int, steps: int) ->
         cfg = config_from_raw(Config, {
             **shipped, "seed": seed, "scenario": {**shipped["scenario"], "shots": shots},
             "strategy": {"mem_size": mem, **strategy},
-            "train": {**shipped["train"], "epochs": math.ceil(steps / per_epoch), "batch_size": BATCH, "threads": 1},
+            "train": {**shipped["train"], "epochs": math.ceil(steps / per_epoch), "batch_size": BATCH, "threads": 1,
+                      **({"grad_clip": TRANSFER_GRAD_CLIP} if TRANSFER_GRAD_CLIP else {})},
         }, legacy, quiet=True)
         runner = TransferRun(cfg)
         if meta is None:
@@ -565,12 +569,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fashion-rules", nargs="*", default=[], type=fashion_rule,
                         help="gradient mixing rules run on fashion_transfer beside the default: RULE or "
                              "RULE:LOGIT_WEIGHT (e.g. similarity_der:1.0)")
+    parser.add_argument("--transfer-grad-clip", type=float, default=None,
+                        help="clip every transfer run's gradient norm to this (all strategies alike)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gradient_mixing[_quick].json)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     args.cost_models = [(name, steps) for name, steps in zip(COST_MODELS, (args.cost_steps, max(4, args.cost_steps // 10)))]
-    global EPOCHS, QUIET
+    global EPOCHS, QUIET, TRANSFER_GRAD_CLIP
     QUIET = args.quiet
+    TRANSFER_GRAD_CLIP = args.transfer_grad_clip
     FASHION_RULES[:] = args.fashion_rules
     if args.quick:
         EPOCHS = 3

@@ -1,0 +1,26 @@
+"""The gradient-mixing benchmark's transfer plan: extra rules with a logit weight, checked when the
+command line is read."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gradient_mixing as bench  # noqa: E402
+
+
+def test_fashion_rules_take_an_optional_logit_weight(monkeypatch) -> None:
+    assert bench.fashion_rule("sum_der") == "sum_der" and bench.fashion_rule("similarity_der:1.0") == "similarity_der:1.0"
+    for bad in ("nope", "similarity_der:-1", "similarity_der:heavy"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.fashion_rule(bad)
+    monkeypatch.setattr(bench, "FASHION_RULES", ["similarity_der:1.0", "sum_der"])
+    extra = dict(bench.transfer_plan("fashion_transfer", 10)[4:])
+    assert extra == {"gradient mixing: similarity_der + herding [logit_weight=1]":
+                     {"name": "gradient_mixing", "rule": "similarity_der", "logit_weight": 1.0},
+                     "gradient mixing: sum_der + herding": {"name": "gradient_mixing", "rule": "sum_der"}}
