@@ -26,6 +26,14 @@ interrupted grid resumes where it stopped; ``--report`` rebuilds the tables from
     python benchmarks/split_fashion_mnist.py --quick               # smoke run (seed 0, 1 epoch, memory 200)
     python benchmarks/split_fashion_mnist.py --report              # tables from the log only
     python benchmarks/split_fashion_mnist.py --draws 0 1 2 3 4 --gm similarity:reservoir   # library-draw spread
+    python benchmarks/split_fashion_mnist.py --grad-clip 5 --seeds 0 1 2 3 4 5 6 7 --gm similarity_der:herding \
+        --skip naive Naive lwf ewc cumulative joint hand-written AGEM GSS \
+        --log benchmarks/results/split_fashion_mnist_8seeds_clip_runs.jsonl \
+        --out benchmarks/results/split_fashion_mnist_8seeds_clip.json       # the README's table
+
+A run that stops (the loss guard's divergence, the collapse guard) is scored as its model when it stopped,
+repeated for the experiences it did not train, and counted as ``[n stopped]``; ``--grad-clip`` clips
+every implementation alike. The report pairs the first ``--gm`` variant with every other run by seed.
 
 Writes ``benchmarks/results/split_fashion_mnist.json`` (tables and per-run numbers) and
 ``split_fashion_mnist_accuracy.png``.
