@@ -164,6 +164,46 @@ def variant_configs(cfg0: Config, args: argparse.Namespace) -> dict[str, Config]
     return variants
 
 
+def masked_budget_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """The default method with all labels and with ``--missing`` of them masked, at each number of epochs
+    in ``--masked-budgets``: is the masked run's shortfall a matter of training longer, or of labels?
+    Ratios of the seed means, oriented so that 1 means "as good as all labels" (masked / full for
+    accuracies, full / masked for errors), against all labels at the same budget and at the best one."""
+    rows: dict[tuple[int, float], dict[str, list[float]]] = {}
+    for seed in tqdm(args.seeds, desc="seeds", disable=args.quiet):
+        cfg0 = base_config(args, seed)
+        raw = raw_data(cfg0)
+        for epochs in args.masked_budgets:
+            for missing in (0.0, args.missing):
+                cfg = copy.deepcopy(cfg0)
+                cfg.train.epochs = epochs
+                cfg.scenario.missing_fraction = missing
+                headline = run_one(cfg, raw, f"{DEFAULT} {epochs} epochs, {missing:.0%} missing", not args.quiet)["headline"]
+                for task, value in headline.items():
+                    rows.setdefault((epochs, missing), {}).setdefault(task, []).append(value)
+    means = {key: {t: mean(v) for t, v in per_task.items()} for key, per_task in rows.items()}
+    best_full = {t: (max if HIGHER[t] else min)(means[(e, 0.0)][t] for e in args.masked_budgets) for t in TASKS}
+
+    def ratio(masked: float, full: float, task: str) -> float:
+        return masked / full if HIGHER[task] else full / masked
+
+    out: dict[str, Any] = {"seeds": args.seeds, "missing": args.missing, "budgets": {}}
+    for epochs in args.masked_budgets:
+        full, masked = means[(epochs, 0.0)], means[(epochs, args.missing)]
+        same = {t: ratio(masked[t], full[t], t) for t in TASKS}
+        best = {t: ratio(masked[t], best_full[t], t) for t in TASKS}
+        out["budgets"][str(epochs)] = {"full": full, "masked": masked, "ratio_same_budget": same,
+                                       "ratio_to_best_full": best,
+                                       "tasks_at_95_same_budget": sum(v >= 0.95 for v in same.values()),
+                                       "tasks_at_95_to_best_full": sum(v >= 0.95 for v in best.values())}
+        if not args.quiet:
+            print(f"{epochs:3d} epochs: masked / all labels, same budget: "
+                  + " ".join(f"{t[:5]} {same[t]:.2f}" for t in TASKS) + f" ({out['budgets'][str(epochs)]['tasks_at_95_same_budget']} >= 0.95)")
+            print(f"            masked / best all-label budget: "
+                  + " ".join(f"{t[:5]} {best[t]:.2f}" for t in TASKS) + f" ({out['budgets'][str(epochs)]['tasks_at_95_to_best_full']} >= 0.95)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 seed, 3 epochs")
@@ -173,11 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--missing", type=float, default=0.5, help="fraction of labels missing per task")
+    parser.add_argument("--masked-budgets", type=int, nargs="+", default=None,
+                        help="only the masked-label budget sweep: the default method with all and with --missing "
+                             "labels at these numbers of epochs (writes multitask_masked_budget.json)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/multitask_weighting[_quick].json)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.n_train, args.n_test, args.epochs = args.seeds[:1], 160, 160, 3
+    if args.masked_budgets:
+        torch.set_num_threads(1)
+        out_path = Path(args.out or ROOT / "benchmarks" / "results" / "multitask_masked_budget.json")
+        write_json(out_path, masked_budget_sweep(args))
+        return 0
     if args.out is None:
         args.out = str(ROOT / "benchmarks" / "results" / f"multitask_weighting{'_quick' if args.quick else ''}.json")
     if DEFAULT not in args.methods:
