@@ -192,15 +192,15 @@ def masked_budget_sweep(args: argparse.Namespace) -> dict[str, Any]:
         full, masked = means[(epochs, 0.0)], means[(epochs, args.missing)]
         same = {t: ratio(masked[t], full[t], t) for t in TASKS}
         best = {t: ratio(masked[t], best_full[t], t) for t in TASKS}
-        out["budgets"][str(epochs)] = {"full": full, "masked": masked, "ratio_same_budget": same,
-                                       "ratio_to_best_full": best,
-                                       "tasks_at_95_same_budget": sum(v >= 0.95 for v in same.values()),
-                                       "tasks_at_95_to_best_full": sum(v >= 0.95 for v in best.values())}
+        entry = out["budgets"][str(epochs)] = {
+            "full": full, "masked": masked, "ratio_same_budget": same, "ratio_to_best_full": best,
+            "tasks_at_95_same_budget": sum(v >= 0.95 for v in same.values()),
+            "tasks_at_95_to_best_full": sum(v >= 0.95 for v in best.values())}
         if not args.quiet:
             print(f"{epochs:3d} epochs: masked / all labels, same budget: "
-                  + " ".join(f"{t[:5]} {same[t]:.2f}" for t in TASKS) + f" ({out['budgets'][str(epochs)]['tasks_at_95_same_budget']} >= 0.95)")
-            print(f"            masked / best all-label budget: "
-                  + " ".join(f"{t[:5]} {best[t]:.2f}" for t in TASKS) + f" ({out['budgets'][str(epochs)]['tasks_at_95_to_best_full']} >= 0.95)")
+                  + " ".join(f"{t[:5]} {same[t]:.2f}" for t in TASKS) + f" ({entry['tasks_at_95_same_budget']} >= 0.95)")
+            print("            masked / best all-label budget: "
+                  + " ".join(f"{t[:5]} {best[t]:.2f}" for t in TASKS) + f" ({entry['tasks_at_95_to_best_full']} >= 0.95)")
     return out
 
 

@@ -270,13 +270,15 @@ def gm_label(spec: str) -> str:
     return f"ours gradient mixing: {rule}" + (f" + {policy}" if policy else "") + (f" [{extra}]" if extra else "")
 
 
-def gm_run(spec: str) -> Callable[[int, int, int], dict[str, Any]]:
+def gm_run(spec: str) -> Callable[..., dict[str, Any]]:
     rule, policy, options = parse_gm(spec)
-    return lambda seed, epochs, mem: ours("gradient_mixing", seed, epochs, mem, rule=rule, policy=policy, **options)
+    return lambda seed, epochs, mem, draw=None: ours("gradient_mixing", seed, epochs, mem, rule=rule, policy=policy,
+                                                     draw=draw, **options)
 
 
 def plan(gm_specs: Sequence[str], skip: Sequence[str]) -> tuple[list[tuple[str, Callable]], list[tuple[str, Callable]]]:
-    """(memory-free runs, rehearsal runs) as (label, fn(seed, epochs, mem)), in the order they run."""
+    """(memory-free runs, rehearsal runs) as (label, fn(seed, epochs, mem)), in the order they run; this
+    project's rehearsal runs also take ``draw`` (the library-draw experiment)."""
     free = [
         ("ours naive", lambda s, e, m: ours("naive", s, e, 0)),
         ("hand-written naive", lambda s, e, m: hand_written(s, e, 0)),
@@ -287,7 +289,7 @@ def plan(gm_specs: Sequence[str], skip: Sequence[str]) -> tuple[list[tuple[str, 
         ("ours joint", lambda s, e, m: ours("joint", s, e, 0)),
     ]
     rehearsal = [
-        ("ours replay", lambda s, e, m: ours("replay", s, e, m)),
+        ("ours replay", lambda s, e, m, draw=None: ours("replay", s, e, m, draw=draw)),
         ("hand-written replay", lambda s, e, m: hand_written(s, e, m)),
         *[(gm_label(spec), gm_run(spec)) for spec in gm_specs],
         *[(f"avalanche {name}", lambda s, e, m, name=name: avalanche(name, s, e, m)) for name in AVALANCHE_REHEARSAL],
@@ -334,7 +336,7 @@ def run_grid(args: argparse.Namespace) -> None:
                              if draw is None or label.startswith("ours ")]
     jobs = [j for j in jobs if (j[0], j[2], j[3], j[4], j[5]) not in done]
     for label, fn, seed, epochs, mem, draw in tqdm(jobs, desc="split fashion-mnist runs", disable=args.quiet):
-        out = draws_run(label, seed, epochs, mem, draw) if draw is not None else fn(seed, epochs, mem)
+        out = fn(seed, epochs, mem) if draw is None else fn(seed, epochs, mem, draw=draw)
         record = {"label": label, "seed": seed, "epochs": epochs, "mem": mem, "draw": draw, "time_s": out["time_s"],
                   "cpu_s": out.get("cpu_s"), "accuracy_matrix": out["R"], **summarize(out["R"])}
         if "failed" in out:
@@ -344,15 +346,6 @@ def run_grid(args: argparse.Namespace) -> None:
             tqdm.write(f"{label:55s} seed {seed} epochs {epochs} mem {mem:3d} draw {draw}: "
                        f"acc {100 * record['average_accuracy']:5.1f} fgt {100 * record['forgetting']:5.1f} "
                        f"{record['time_s']:6.1f} s")
-
-
-def draws_run(label: str, seed: int, epochs: int, mem: int, draw: int) -> dict[str, Any]:
-    """The library-draw experiment: same run seed, only the history library's generator changes."""
-    label = base_label(label)
-    if label == "ours replay":
-        return ours("replay", seed, epochs, mem, draw=draw)
-    rule, _, policy = label.removeprefix("ours gradient mixing: ").partition(" + ")
-    return ours("gradient_mixing", seed, epochs, mem, rule=rule, policy=policy or None, draw=draw)
 
 
 # --------------------------------------------------------------------------------------------------

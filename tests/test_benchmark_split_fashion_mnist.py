@@ -61,3 +61,15 @@ def test_gm_specs_carry_plugin_options_into_the_label() -> None:
     assert bench.gm_label("similarity_der:herding") == "ours gradient mixing: similarity_der + herding"
     with pytest.raises(SystemExit, match="key=value"):
         bench.parse_gm("similarity_der:herding:logit_weight")
+
+
+def test_library_draws_reach_this_projects_runs_with_their_options(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(bench, "ours", lambda *args, **kwargs: calls.append((args, kwargs)))
+    _, rehearsal = bench.plan(["similarity_der:herding:logit_weight=1.0"], ["hand-written", "avalanche"])
+    runs = dict(rehearsal)
+    runs["ours replay"](0, 1, 200, draw=3)
+    runs["ours gradient mixing: similarity_der + herding [logit_weight=1]"](0, 1, 200, draw=3)
+    assert calls == [(("replay", 0, 1, 200), {"draw": 3}),
+                     (("gradient_mixing", 0, 1, 200), {"rule": "similarity_der", "policy": "herding", "draw": 3,
+                                                       "logit_weight": 1.0})]
