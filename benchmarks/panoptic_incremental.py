@@ -45,8 +45,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "pseudo_distill": ("pseudo_distill", FIRST_RATE),
 }
 METHODS = list(VARIANTS)
+# Query groups (incremental/panoptic/prompts.py): the settings of configs/panoptic_shapes_*_query_groups.yaml
+# (tests/test_panoptic_prompts.py checks they agree); not among the default methods.
+VARIANTS["query_groups"] = ("finetune", ["model.prompt_queries=8", "model.prompt_own_layers=true",
+                                         "model.prompt_own_pixel_decoder=true", "train.step_epochs=120"])
 LABELS = {"finetune": "fine-tuning", "pseudo_labels": "pseudo labels", "distillation": "distillation",
-          "pseudo_distill": "pseudo labels + distillation", "joint": "joint (upper bound)"}
+          "pseudo_distill": "pseudo labels + distillation", "joint": "joint (upper bound)",
+          "query_groups": "query groups"}
 CONFIGS = {"3-2": ROOT / "configs" / "panoptic_shapes_3-2.yaml", "3-1-1": ROOT / "configs" / "panoptic_shapes_3-1-1.yaml"}
 
 
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", nargs="+", default=["3-2", "3-1-1"], choices=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=[*METHODS, "joint"],
-                        help=f"among {', '.join([*METHODS, 'joint'])} and the --variant names")
+                        help=f"among {', '.join([*VARIANTS, 'joint'])} and the --variant names")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=STRATEGY[,KEY=VALUE...]",
                         help="a named method: a strategy with config overrides (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")

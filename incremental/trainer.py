@@ -136,6 +136,14 @@ def experience_classes(experience: Any, dataset: Any) -> list[int]:
     return sorted(int(c) for c in classes)
 
 
+def grow_model(model: nn.Module, n_classes: int) -> None:
+    """Call ``grow_to(n_classes)`` on every module that has one (growing heads, models that grow)."""
+    for module in model.modules():
+        grow = getattr(module, "grow_to", None)
+        if callable(grow):
+            grow(n_classes)
+
+
 class Trainer:
     """Continual-learning loop over a stream of experiences, with plugins and a history library.
 
@@ -334,11 +342,7 @@ class Trainer:
         """Grow every growing classifier head to cover the classes seen so far (old rows kept)."""
         model = model if model is not None else self.model
         if self.classes_seen:
-            n_classes = max(self.classes_seen) + 1
-            for module in model.modules():
-                grow = getattr(module, "grow_to", None)
-                if callable(grow):
-                    grow(n_classes)
+            grow_model(model, max(self.classes_seen) + 1)
         return model.to(self.device)
 
     def make_optimizer(self) -> None:

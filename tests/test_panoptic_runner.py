@@ -22,13 +22,18 @@ TINY = {
 }
 
 
-@pytest.fixture()
-def tiny_config(tmp_path: Path) -> Path:
-    cfg = json.loads(json.dumps(TINY))
+def write_config(tmp_path: Path, config: dict) -> Path:
+    """``config`` as a YAML file in ``tmp_path``, its generated data under ``tmp_path / "data"``."""
+    cfg = json.loads(json.dumps(config))
     cfg["scenario"]["data_dir"] = str(tmp_path / "data")
-    path = tmp_path / "tiny.yaml"
+    path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture()
+def tiny_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, TINY)
 
 
 def run_cli(config: Path, out: Path, *extra: str) -> dict:
@@ -112,7 +117,8 @@ def test_repository_configs_are_valid():
     from incremental.cli import prepare_run
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("panoptic_shapes_3-2.yaml", "panoptic_shapes_3-1-1.yaml", "coco_panoptic_3-2.yaml"):
+    for name in ("panoptic_shapes_3-2.yaml", "panoptic_shapes_3-1-1.yaml", "coco_panoptic_3-2.yaml",
+                 "panoptic_shapes_3-2_query_groups.yaml", "panoptic_shapes_3-1-1_query_groups.yaml"):
         _, cfg, _ = prepare_run(str(root / name), [])
         assert cfg.scenario.name in ("panoptic_shapes", "coco_panoptic") and len(cfg.scenario.steps) >= 2
 

@@ -40,10 +40,14 @@ class NoObjectClassHead(nn.Module):
     def n_classes(self) -> int:
         return self.linear.out_features - 1
 
+    #: False when the model answers new classes elsewhere (the query groups of
+    #: ``incremental.panoptic.prompts``): the deployed head then keeps its size.
+    growable = True
+
     def grow_to(self, n_classes: int) -> bool:
         old = self.linear
         n_old = old.out_features - 1
-        if n_classes <= n_old:
+        if n_classes <= n_old or not self.growable:
             return False
         new = nn.Linear(self.in_features, n_classes + 1).to(old.weight.device, old.weight.dtype)
         with torch.no_grad():
@@ -142,9 +146,15 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, q: torch.Tensor, qpos: torch.Tensor, memory: torch.Tensor, mpos: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None, context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``context`` (queries, their positions): other queries that these attend to as well in
+        self-attention, without attending back (a query group reading the deployed queries)."""
         q = self.norm1(q + self.cross(q + qpos, memory + mpos, memory, attn_mask=attn_mask, need_weights=False)[0])
-        q = self.norm2(q + self.self_attn(q + qpos, q + qpos, q, need_weights=False)[0])
+        if context is None:
+            q = self.norm2(q + self.self_attn(q + qpos, q + qpos, q, need_weights=False)[0])
+        else:
+            keys = torch.cat([context[0] + context[1], q + qpos], 1)
+            q = self.norm2(q + self.self_attn(q + qpos, keys, torch.cat([context[0], q], 1), need_weights=False)[0])
         return self.norm3(q + self.ffn(q))
 
 
@@ -184,13 +194,16 @@ class PanopticMask2Former(nn.Module):
     def n_classes(self) -> int:
         return self.class_head.n_classes
 
-    def _predict(self, q: torch.Tensor, mask_features: torch.Tensor, attn_size: tuple[int, int] | None
+    def _predict(self, q: torch.Tensor, mask_features: torch.Tensor, attn_size: tuple[int, int] | None,
+                 class_head: nn.Module | None = None, mask_embed: nn.Module | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Class logits, mask logits and (for the next layer) the attention mask: a query attends only
-        where its current mask is above 0.5, or everywhere if that is nowhere."""
+        where its current mask is above 0.5, or everywhere if that is nowhere. ``class_head`` and
+        ``mask_embed`` replace the model's own for queries that have their own (query groups)."""
         q = self.out_norm(q)
-        logits = self.class_head(q)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(q), mask_features)
+        logits = (self.class_head if class_head is None else class_head)(q)
+        embed = self.mask_embed if mask_embed is None else mask_embed
+        masks = torch.einsum("bqc,bchw->bqhw", embed(q), mask_features)
         if attn_size is None:
             return logits, masks, None
         small = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
@@ -199,35 +212,84 @@ class PanopticMask2Former(nn.Module):
         attn_mask = blocked.repeat_interleave(self.n_heads, dim=0).detach()
         return logits, masks, attn_mask
 
-    def forward(self, images: torch.Tensor) -> dict[str, Any]:
-        feats = self.backbone(images)
-        mask_features, memories = self.pixel_decoder(feats)
-        b = images.shape[0]
+    def grow_to(self, n_classes: int) -> bool:
+        """Answer ``n_classes`` classes (the class head grows; ``Trainer.model_adaptation`` calls it)."""
+        return self.class_head.grow_to(n_classes)
+
+    def arch_kwargs(self) -> dict[str, Any]:
+        """What ``build_panoptic_model`` needs to rebuild this model as it is now (a package's ``arch_kwargs``)."""
+        return {**self.config, "n_classes": self.n_classes}
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
+                                                    list[tuple[int, int]]]:
+        """Per-pixel mask features and, per memory scale, the flattened memory, its positions and size."""
+        return self.memories(self.backbone(images))
+
+    def memories(self, feats: list[torch.Tensor], pixel_decoder: nn.Module | None = None,
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+        """``encode`` from the backbone's features on (``pixel_decoder``: a query group's own)."""
+        mask_features, memories = (self.pixel_decoder if pixel_decoder is None else pixel_decoder)(feats)
+        b = feats[0].shape[0]
         mems, poss, sizes = [], [], []
         for level, mem in enumerate(memories):
             h, w = mem.shape[-2:]
             mems.append(mem.flatten(2).transpose(1, 2) + self.level_embed.weight[level])
             poss.append(sine_position(h, w, mem.shape[1], mem.device)[None].expand(b, -1, -1))
             sizes.append((h, w))
+        return mask_features, mems, poss, sizes
+
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        mask_features, mems, poss, sizes = self.encode(images)
+        b = images.shape[0]
         q = self.query_feat.weight[None].expand(b, -1, -1)
         qpos = self.query_pos.weight[None].expand(b, -1, -1)
-        outputs = []
-        logits, masks, attn_mask = self._predict(q, mask_features, sizes[0])
+        outputs, _ = self.decode(q, qpos, mask_features, mems, poss, sizes)
+        return stage_outputs(outputs)
+
+    def decode(self, q: torch.Tensor, qpos: torch.Tensor, mask_features: torch.Tensor, mems: list[torch.Tensor],
+               poss: list[torch.Tensor], sizes: list[tuple[int, int]], *, layers: nn.ModuleList | None = None,
+               class_head: nn.Module | None = None, mask_embed: nn.Module | None = None,
+               prompts: torch.Tensor | None = None, context: tuple[list[torch.Tensor], torch.Tensor] | None = None,
+               ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+        """The transformer decoder: (class logits, mask logits) of every stage, and the queries that
+        entered each layer. The keyword arguments serve query groups (``incremental.panoptic.prompts``):
+        their own layers, heads and per-layer prompts (added to the queries before each layer), and
+        ``context`` = (the deployed queries entering each layer, their positions) to attend to."""
+        layers = self.layers if layers is None else layers
+        outputs, states = [], []
+        logits, masks, attn_mask = self._predict(q, mask_features, sizes[0], class_head, mask_embed)
         outputs.append((logits, masks))
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             level = i % len(mems)
-            q = layer(q, qpos, mems[level], poss[level], attn_mask)
-            next_size = sizes[(i + 1) % len(mems)] if i + 1 < len(self.layers) else None
-            logits, masks, attn_mask = self._predict(q, mask_features, next_size)
+            states.append(q)
+            if prompts is not None:
+                q = q + prompts[i]
+            q = layer(q, qpos, mems[level], poss[level], attn_mask,
+                      None if context is None else (context[0][i], context[1]))
+            next_size = sizes[(i + 1) % len(mems)] if i + 1 < len(layers) else None
+            logits, masks, attn_mask = self._predict(q, mask_features, next_size, class_head, mask_embed)
             outputs.append((logits, masks))
-        last_logits, last_masks = outputs[-1]
-        return {
-            "pred_logits": last_logits,
-            "pred_masks": last_masks,
-            "aux_outputs": [{"pred_logits": lg, "pred_masks": mk} for lg, mk in outputs[:-1]],
-        }
+        return outputs, states
+
+
+def stage_outputs(outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """The model's output dict from every decoder stage's (class logits, mask logits), in decoder order:
+    the last stage is the prediction, the earlier ones the deep-supervision outputs."""
+    last_logits, last_masks = outputs[-1]
+    return {
+        "pred_logits": last_logits,
+        "pred_masks": last_masks,
+        "aux_outputs": [{"pred_logits": lg, "pred_masks": mk} for lg, mk in outputs[:-1]],
+    }
 
 
 def build_panoptic_model(**kwargs: Any) -> PanopticMask2Former:
-    """The architecture a panoptic model package names (``kwargs`` as in ``model.config``)."""
+    """The architecture a panoptic model package names (``kwargs`` as in ``model.config``); with
+    ``prompt_queries`` > 0 the model learns each update's classes with query groups of its own."""
+    if kwargs.get("prompt_queries"):
+        from .prompts import PromptedMask2Former
+
+        return PromptedMask2Former(**kwargs)
+    for key in ("prompt_queries", "prompt_groups", "prompt_own_layers", "prompt_own_pixel_decoder", "prompt_claim_cover"):
+        kwargs.pop(key, None)
     return PanopticMask2Former(**kwargs)

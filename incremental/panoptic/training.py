@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..plugins import Plugin
-from ..trainer import Trainer
+from ..trainer import Trainer, grow_model
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, head_lr: float | None = None
@@ -24,18 +24,31 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, head_
     few hundred steps; a higher rate on the (small) class head lets them catch up.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    if head_lr is None or not hasattr(model, "class_head"):
+    # every class head: the deployed one and, on a model with query groups, each group's own
+    head = {id(p) for name, m in model.named_modules() if name.split(".")[-1] == "class_head" for p in m.parameters()}
+    if head_lr is None or not head:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    head = {id(p) for p in model.class_head.parameters()}
-    return torch.optim.AdamW([
-        {"params": [p for p in params if id(p) not in head], "lr": lr},
-        {"params": [p for p in params if id(p) in head], "lr": head_lr},
-    ], weight_decay=weight_decay)
+    groups = [{"params": [p for p in params if id(p) not in head], "lr": lr},
+              {"params": [p for p in params if id(p) in head], "lr": head_lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
 
 
 class PanopticTrainer(Trainer):
     """``Trainer`` accepting an optimizer with several parameter groups when they hold exactly the
-    model's parameters (else the base class's rule applies)."""
+    model's parameters (else the base class's rule applies), and growing the model one update step at
+    a time: ``class_steps`` (the number of classes after each step) lets a model that grows by query
+    groups rebuild one group per step when a checkpoint is restored."""
+
+    class_steps: tuple[int, ...] = ()
+
+    def model_adaptation(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
+        model = model if model is not None else self.model
+        if self.classes_seen:
+            n = max(self.classes_seen) + 1
+            for boundary in self.class_steps:
+                if boundary < n:
+                    grow_model(model, boundary)
+        return super().model_adaptation(model)
 
     def make_optimizer(self) -> None:
         params = {id(p) for p in self.model.parameters() if p.requires_grad}

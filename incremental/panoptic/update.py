@@ -167,13 +167,18 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
         old_samples = to_samples(old_data, _class_mapping(old_data, names))
 
     model = package.build()
+    if getattr(model, "prompt_queries", 0):  # incremental.panoptic.prompts: nothing to distil into
+        if strategy != "naive":
+            notes.append(f"strategy {strategy!r} does not apply: this model learns new classes in a query group of "
+                         "their own, with the deployed model frozen")
+        strategy = "query_groups"
     before = {"on_holdout": _pq(model, held, names, things, old_idx, new_idx),
               "on_old_data": _pq(model, old_samples, names, things, old_idx, new_idx)}
 
     seed_everything(seed)
     plugins: list[Any] = []
     plugin = None
-    if strategy != "naive":
+    if strategy not in ("naive", "query_groups"):
         from strategies.pseudo_label_distillation import PseudoLabelDistillationPlugin
 
         plugin = PseudoLabelDistillationPlugin(
@@ -185,7 +190,7 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
 
     plugins.append(ScheduleAndClip("cosine", 1.0))
     model.train()
-    model.class_head.grow_to(len(names))  # before the optimizer, so that it holds the new rows
+    model.grow_to(len(names))  # before the optimizer, so that it holds the new rows (or query group)
     head_lr = _option(options, "head_lr")
     trainer = PanopticTrainer(model, make_optimizer(model, lr, 1e-4, None if head_lr is None else float(head_lr)),
                               SetCriterion(),
@@ -198,7 +203,7 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
     after = {"on_holdout": _pq(updated, held, names, things, old_idx, new_idx),
              "on_old_data": _pq(updated, old_samples, names, things, old_idx, new_idx)}
 
-    kwargs = {**package.arch_kwargs, "n_classes": len(names)}
+    kwargs = updated.arch_kwargs()
     extra_out = {**extra, "thing_classes": [names[c] for c in things], "input": {**extra.get("input", {}), "size": list(size)}}
     model_path = save_model(Path(out_dir) / "model.pt", updated, kind="panoptic", architecture=package.architecture,
                             arch_kwargs=kwargs, class_names=names, extra=extra_out)

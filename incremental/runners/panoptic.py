@@ -98,6 +98,12 @@ class ModelConfig:
     mask_stride: int = 4
     no_object_weight: float = 0.1
     deep_supervision: bool = True
+    # > 0: every update learns its classes with this many queries of its own, the deployed model frozen
+    # (incremental.panoptic.prompts, ECLIPSE-style); 0: the shared queries and a growing head (METHODS)
+    prompt_queries: int = 0
+    prompt_own_layers: bool = False  # each query group with a trainable copy of the decoder layers
+    prompt_own_pixel_decoder: bool = False  # ... and of the pixel decoder
+    prompt_claim_cover: float = 0.7  # inference: how much of an old query's mask a confident newer one must cover
 
     def validate(self) -> None:
         check(self.n_queries >= 1, "model.n_queries", "must be >= 1")
@@ -108,11 +114,17 @@ class ModelConfig:
               "model.backbone_channels", f"needs 3 even channel counts, got {self.backbone_channels}")
         check(self.mask_stride in (2, 4), "model.mask_stride", f"must be 2 or 4, got {self.mask_stride}")
         check(0.0 < self.no_object_weight <= 1.0, "model.no_object_weight", f"must be in (0, 1], got {self.no_object_weight}")
+        check(self.prompt_queries >= 0, "model.prompt_queries", f"must be >= 0, got {self.prompt_queries}")
+        check(0.0 <= self.prompt_claim_cover <= 1.0, "model.prompt_claim_cover",
+              f"must be in [0, 1], got {self.prompt_claim_cover}")
 
     def kwargs(self, n_classes: int) -> dict[str, Any]:
         return dict(n_classes=n_classes, n_queries=self.n_queries, hidden_dim=self.hidden_dim, n_layers=self.n_layers,
                     n_heads=self.n_heads, ffn_dim=self.ffn_dim, mask_dim=self.mask_dim,
-                    backbone_channels=list(self.backbone_channels), mask_stride=self.mask_stride)
+                    backbone_channels=list(self.backbone_channels), mask_stride=self.mask_stride,
+                    **({"prompt_queries": self.prompt_queries, "prompt_own_layers": self.prompt_own_layers,
+                        "prompt_own_pixel_decoder": self.prompt_own_pixel_decoder,
+                        "prompt_claim_cover": self.prompt_claim_cover} if self.prompt_queries else {}))
 
 
 @dataclass
@@ -169,6 +181,14 @@ class Config(RunConfig):
         check(self.sample_images >= 0, "sample_images", "must be >= 0")
         check(self.strategy.regime != "cumulative", "strategy.regime",
               "panoptic runs take incremental (the default) or joint")
+        if self.model.prompt_queries:  # the deployed model is frozen: nothing for these to act on
+            names = [p.get("name") for p in self.strategy.plugins if isinstance(p, dict)]
+            check("pseudo_label_distillation" not in names, "model.prompt_queries",
+                  "query groups leave the deployed model frozen; drop the pseudo_label_distillation plugin "
+                  "(it trains the shared queries) or set model.prompt_queries: 0")
+            check(not self.strategy.history.mem_size, "model.prompt_queries",
+                  "a query group learns only its step's classes; replayed old-class images would train it on "
+                  "classes it does not answer (set strategy.history.mem_size: 0)")
 
 
 PLUGIN_OPTIONS = ("lambda_distill", "gamma", "divergence", "temperature", "lambda_mask", "distill_aux",
@@ -257,6 +277,9 @@ class PanopticRun(Run):
             history_mb_size=cfg.strategy.history.batch_size, seed=cfg.seed, progress=progress,
             eval_accumulator=self.make_accumulator,
         )
+        # the number of classes after each step: a model with query groups grows one group per step
+        self.trainer.class_steps = tuple(max(c for s in self.scenario.step_classes[: i + 1] for c in s) + 1
+                                         for i in range(self.n_steps))
         self.records: list[dict[str, Any]] = []
         # self.accuracy_matrix (Run): PQ of step j's classes after step i (the checkpointer's name)
 
@@ -402,7 +425,7 @@ class PanopticRun(Run):
         n = int(model.n_classes)
         sc = self.scenario
         return save_model(path, model, kind="panoptic", architecture="panoptic_tiny",
-                          arch_kwargs=self.cfg.model.kwargs(n), class_names=sc.class_names[:n],
+                          arch_kwargs=model.arch_kwargs(), class_names=sc.class_names[:n],
                           extra=package_extra(sc.class_names[:n], [c for c in sc.thing_classes if c < n],
                                               self.cfg.scenario.image_size))
 

@@ -1,0 +1,205 @@
+"""Query groups: each update learns its new classes with queries of its own, the deployed model frozen.
+
+The reference is ECLIPSE (Kim et al., CVPR 2024): freeze every trained parameter and, per incremental
+step, train only a small set of prompt embeddings with their own class and mask heads; at inference
+merge the outputs of all prompt sets. Here a step's *query group* is:
+
+- ``prompt_queries`` decoder queries (content and position embeddings, initialised from the deployed
+  model's first queries, so the group starts out finding objects where the deployed queries do);
+- deep prompts: one learned vector per decoder layer and query, added to the group's queries before
+  that layer (zero at the start);
+- a class head over the step's classes + "no object" (its no-object row starts as the deployed one)
+  and a mask-embedding MLP (a copy of the deployed one);
+- optionally trainable copies of the decoder layers (``own_layers``) and of the pixel decoder
+  (``own_pixel_decoder``): ECLIPSE's frozen backbone was pretrained on ImageNet and 100 ADE20K
+  classes, ours on three shapes, and prompts alone on its features did not learn the new shapes
+  (docs/panoptic.md, "Query groups").
+
+The deployed queries run the deployed decoder exactly as before (same operations, same numbers); a
+group's queries attend in self-attention to the deployed queries entering each layer, never the other
+way round. A group answers only its own classes: its logits of every other class are ``FILL``, and so
+are the deployed queries' logits of the new classes. Training a step returns the new group's outputs
+alone, so the usual set criterion matches the step's annotations (new classes only) against them.
+
+What the frozen deployed queries still do wrong is *semantic confusion*: they have never seen the
+new classes and label them confidently as old ones (a cross as a circle). ECLIPSE answers with logit
+manipulation; this module answers with ``newer_claims``: where a later group is confident about an
+object, the older queries whose masks lie inside it answer "no object".
+
+Written here rather than taken from ECLIPSE's code, which is detectron2-based and built around the
+full Mask2Former; this is the same idea for this project's small model.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import PanopticMask2Former, stage_outputs
+
+#: The logit of a class a query does not answer: softmax gives it probability 0 (exp(-1e4) underflows)
+#: without the NaNs an actual -inf can bring into a loss's gradient.
+FILL = -1e4
+
+
+class QueryGroup(nn.Module):
+    """One update step's queries, deep prompts, class head and mask embedding (see the module doc)."""
+
+    def __init__(self, model: PanopticMask2Former, n_queries: int, n_classes: int, first_class: int,
+                 own_layers: bool = False, own_pixel_decoder: bool = False) -> None:
+        super().__init__()
+        dim = model.query_feat.weight.shape[1]
+        take = torch.arange(n_queries) % model.query_feat.weight.shape[0]
+        self.first_class = first_class
+        self.n_classes = n_classes
+        self.query_feat = nn.Parameter(model.query_feat.weight.detach()[take].clone())
+        self.query_pos = nn.Parameter(model.query_pos.weight.detach()[take].clone())
+        self.prompts = nn.Parameter(torch.zeros(len(model.layers), n_queries, dim))
+        self.class_head = nn.Linear(dim, n_classes + 1)
+        with torch.no_grad():
+            self.class_head.weight[-1] = model.class_head.linear.weight[-1]
+            self.class_head.bias[-1] = model.class_head.linear.bias[-1]
+        self.mask_embed = copy.deepcopy(model.mask_embed)
+        # own_layers: a trainable copy of the decoder for this group (more capacity than prompts alone)
+        self.layers = copy.deepcopy(model.layers) if own_layers else None
+        # own_pixel_decoder: a trainable copy of the pixel decoder (mask features and memories of its own)
+        self.pixel_decoder = copy.deepcopy(model.pixel_decoder) if own_pixel_decoder else None
+
+    @property
+    def n_queries(self) -> int:
+        return self.query_feat.shape[0]
+
+
+def full_width_logits(logits: torch.Tensor, first: int, n_total: int) -> torch.Tensor:
+    """(B, N, k + 1) logits over classes ``first .. first + k - 1`` and "no object" -> (B, N, n_total + 1)
+    over every class, ``FILL`` for the classes these queries do not answer."""
+    b, n, width = logits.shape
+    k = width - 1
+    out = logits.new_full((b, n, n_total + 1), FILL)
+    out[..., first:first + k] = logits[..., :k]
+    out[..., -1] = logits[..., -1]
+    return out
+
+
+def newer_claims(logits: list[torch.Tensor], masks: list[torch.Tensor], score_threshold: float = 0.5,
+                 cover: float = 0.5, measure: str = "ioa") -> list[torch.Tensor]:
+    """Per query segment (deployed queries first, then the groups in step order), the logits with every
+    class set to ``FILL`` for the queries whose mask overlaps the mask of a confident query (class
+    probability > ``score_threshold``) of a *later* segment by more than ``cover``: that query then
+    answers "no object". ``measure`` "ioa": the intersection over the earlier query's own area (its
+    mask lies mostly inside the later one); "iou": intersection over union (the two masks agree).
+    A segment suppressed by a later one claims nothing itself (segments are visited newest first).
+
+    Why: the frozen deployed queries have never seen the new classes and label them confidently as an
+    old class (a cross as a circle); a group was trained on its step's images, where old-class objects
+    were its "no object", so where a group is confident it knows better than the older queries.
+    """
+    if measure not in ("ioa", "iou"):
+        raise ValueError(f"measure must be 'ioa' or 'iou', got {measure!r}")
+    out = [lg.clone() for lg in logits]
+    binary = [(m.sigmoid() > 0.5).float() for m in masks]
+    areas = [b.flatten(2).sum(-1) for b in binary]  # (B, n) per segment
+    for later in range(len(logits) - 1, 0, -1):
+        confident = out[later].softmax(-1)[..., :-1].max(-1).values > score_threshold  # (B, n_later)
+        if not bool(confident.any()):
+            continue
+        for earlier in range(later):
+            inter = torch.einsum("bihw,bjhw->bij", binary[earlier], binary[later])
+            if measure == "ioa":
+                denom = areas[earlier][..., None].expand_as(inter)
+            else:
+                denom = areas[earlier][..., None] + areas[later][:, None, :] - inter
+            covered = ((inter / denom.clamp(min=1) > cover) & confident[:, None, :]).any(-1)
+            out[earlier][..., :-1] = out[earlier][..., :-1].masked_fill(covered[..., None], FILL)
+    return out
+
+
+class PromptedMask2Former(PanopticMask2Former):
+    """The panoptic model of ``incremental.panoptic.model`` that grows by query groups.
+
+    Step 0 trains it as the plain model (no groups). ``grow_to(n)`` (called by the loop's model
+    adaptation at an update) freezes everything trained so far and adds a group for the new classes;
+    ``prompt_groups`` lists the groups' class counts so a package or checkpoint rebuilds them.
+    """
+
+    def __init__(self, n_classes: int, *, prompt_queries: int = 8, prompt_groups: list[int] | tuple[int, ...] = (),
+                 prompt_own_layers: bool = False, prompt_own_pixel_decoder: bool = False,
+                 prompt_claim_cover: float = 0.7, **kwargs: Any) -> None:
+        if prompt_queries < 1:
+            raise ValueError(f"prompt_queries must be >= 1, got {prompt_queries}")
+        groups = [int(g) for g in prompt_groups]
+        if not 0.0 <= prompt_claim_cover <= 1.0:
+            raise ValueError(f"prompt_claim_cover must be in [0, 1], got {prompt_claim_cover}")
+        if any(g < 1 for g in groups):
+            raise ValueError(f"prompt_groups must be class counts >= 1, got {groups}")
+        base_classes = n_classes - sum(groups)
+        if base_classes < 1:
+            raise ValueError(f"n_classes ({n_classes}) must exceed the groups' classes ({sum(groups)})")
+        super().__init__(base_classes, **kwargs)
+        self.class_head.growable = False  # new classes get query groups, not rows of the deployed head
+        self.prompt_queries = int(prompt_queries)
+        self.prompt_own_layers = bool(prompt_own_layers)
+        self.prompt_own_pixel_decoder = bool(prompt_own_pixel_decoder)
+        # inference: confident later queries claim the objects older queries mislabel (newer_claims)
+        self.claims, self.claim_threshold, self.claim_measure = True, 0.5, "ioa"
+        self.claim_cover = float(prompt_claim_cover)
+        self.groups = nn.ModuleList()
+        for size in groups:
+            self._add_group(size)
+
+    @property
+    def n_classes(self) -> int:
+        return self.class_head.n_classes + sum(g.n_classes for g in self.groups)
+
+    def arch_kwargs(self) -> dict[str, Any]:
+        return {**self.config, "n_classes": self.n_classes, "prompt_queries": self.prompt_queries,
+                "prompt_groups": [g.n_classes for g in self.groups], "prompt_own_layers": self.prompt_own_layers,
+                "prompt_own_pixel_decoder": self.prompt_own_pixel_decoder, "prompt_claim_cover": self.claim_cover}
+
+    def _add_group(self, n_new: int) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        group = QueryGroup(self, self.prompt_queries, n_new, self.n_classes, self.prompt_own_layers,
+                           self.prompt_own_pixel_decoder)
+        self.groups.append(group.requires_grad_(True))  # its mask embedding copies frozen weights
+
+    def grow_to(self, n_classes: int) -> bool:
+        if n_classes <= self.n_classes:
+            return False
+        self._add_group(n_classes - self.n_classes)
+        return True
+
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        if not self.groups:
+            return super().forward(images)
+        b = images.shape[0]
+        n_total = self.n_classes
+        with torch.no_grad():  # everything deployed is frozen once a group exists
+            feats = self.backbone(images)
+            encoded = self.memories(feats)
+            mask_features, mems, poss, sizes = encoded
+            qpos = self.query_pos.weight[None].expand(b, -1, -1)
+            deployed, states = self.decode(self.query_feat.weight[None].expand(b, -1, -1), qpos,
+                                           mask_features, mems, poss, sizes)
+        segments = [[(full_width_logits(lg, 0, n_total), mk) for lg, mk in deployed]]
+        groups = list(self.groups)
+        if self.training:  # an update trains its newest group, against its own classes' annotations
+            groups = groups[-1:]
+        for g in groups:
+            mask_features, mems, poss, sizes = encoded if g.pixel_decoder is None else self.memories(feats, g.pixel_decoder)
+            outputs, _ = self.decode(g.query_feat[None].expand(b, -1, -1), g.query_pos[None].expand(b, -1, -1),
+                                     mask_features, mems, poss, sizes, layers=g.layers, class_head=g.class_head,
+                                     mask_embed=g.mask_embed, prompts=g.prompts, context=(states, qpos))
+            segments.append([(full_width_logits(lg, g.first_class, n_total), mk) for lg, mk in outputs])
+        if self.training:
+            return stage_outputs(segments[-1])
+        merged = []
+        for stage in zip(*segments):  # per decoder stage: every segment's (logits, masks)
+            logits = [lg for lg, _ in stage]
+            if self.claims:
+                logits = newer_claims(logits, [mk for _, mk in stage], self.claim_threshold, self.claim_cover,
+                                      self.claim_measure)
+            merged.append((torch.cat(logits, 1), torch.cat([mk for _, mk in stage], 1)))
+        return stage_outputs(merged)
