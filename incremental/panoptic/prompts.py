@@ -183,18 +183,18 @@ class PromptedMask2Former(PanopticMask2Former):
             qpos = self.query_pos.weight[None].expand(b, -1, -1)
             deployed, states = self.decode(self.query_feat.weight[None].expand(b, -1, -1), qpos,
                                            mask_features, mems, poss, sizes)
-        segments = [[(full_width_logits(lg, 0, n_total), mk) for lg, mk in deployed]]
-        groups = list(self.groups)
-        if self.training:  # an update trains its newest group, against its own classes' annotations
-            groups = groups[-1:]
-        for g in groups:
+
+        def group_stages(g: QueryGroup) -> list[tuple[torch.Tensor, torch.Tensor]]:
             mask_features, mems, poss, sizes = encoded if g.pixel_decoder is None else self.memories(feats, g.pixel_decoder)
             outputs, _ = self.decode(g.query_feat[None].expand(b, -1, -1), g.query_pos[None].expand(b, -1, -1),
                                      mask_features, mems, poss, sizes, layers=g.layers, class_head=g.class_head,
                                      mask_embed=g.mask_embed, prompts=g.prompts, context=(states, qpos))
-            segments.append([(full_width_logits(lg, g.first_class, n_total), mk) for lg, mk in outputs])
-        if self.training:
-            return stage_outputs(segments[-1])
+            return [(full_width_logits(lg, g.first_class, n_total), mk) for lg, mk in outputs]
+
+        if self.training:  # an update trains its newest group, against its own classes' annotations
+            return stage_outputs(group_stages(self.groups[-1]))
+        segments = [[(full_width_logits(lg, 0, n_total), mk) for lg, mk in deployed],
+                    *(group_stages(g) for g in self.groups)]
         merged = []
         for stage in zip(*segments):  # per decoder stage: every segment's (logits, masks)
             logits = [lg for lg, _ in stage]
