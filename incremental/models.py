@@ -14,6 +14,18 @@ from torch import nn
 from .config import check
 
 
+def outputs_kept(after: torch.Tensor, before: torch.Tensor) -> bool:
+    """True when a grown head's old outputs (``after``) equal those before the growth (``before``) up to
+    float rounding (relative 1e-5, absolute 1e-6).
+
+    The old rows are copied bit for bit, but a linear layer of another output width may run another
+    GEMM kernel (other blocking and vector width, chosen per CPU), whose sums round differently in the
+    last bits: exact equality held on one machine of ours and not on another. A wrong copy moves the
+    outputs by far more than this tolerance.
+    """
+    return after.shape == before.shape and bool(torch.allclose(after, before, rtol=1e-5, atol=1e-6))
+
+
 class GrowingClassifier(nn.Module):
     """Linear output layer whose number of classes can only grow (old rows are copied over)."""
 

@@ -8,7 +8,7 @@ Old knowledge is kept by rehearsal of exemplars (the history library): the packa
 package that has none (a model packaged from a user's weights), samples of the old classes from
 ``--old-data``, of which a stratified ``holdout`` part is kept apart to measure the old classes. The
 head grows for the new classes with the old rows copied over (checked: the old classes' outputs are
-bit-identical right after the growth). The report gives old-class and new-class accuracy before and
+unchanged right after the growth, to float rounding: ``models.outputs_kept``). The report gives old-class and new-class accuracy before and
 after on held-out data: a stratified hold-out of the new data, plus the held-out ``--old-data``.
 
 Strategies: ``replay`` (default when there are exemplars), ``gradient_mixing`` (METHODS 2 step B on the
@@ -28,6 +28,7 @@ from torch import nn
 from .buffer import HistoryLibrary
 from .data import Experience, TensorSamples
 from .datasets import DataError, LabelledData
+from .models import outputs_kept
 from .package import ModelPackage, PackageError, save_model
 from .preprocessing import LEGACY_INPUT, Preprocessing, load_labelled
 from .trainer import Trainer, seed_everything
@@ -240,7 +241,7 @@ def update(package: ModelPackage, data_path: str | Path, out_dir: Path, options:
     probe = x[train_idx[:64]]
     reference = logits_on(model, probe, device)
     grow_heads(model, len(all_names))
-    old_outputs_unchanged = bool(torch.equal(logits_on(model, probe, device)[:, :n_old], reference))
+    old_outputs_unchanged = outputs_kept(logits_on(model, probe, device)[:, :n_old], reference)
 
     plugins: list[Any] = []
     if strategy == "lwf":

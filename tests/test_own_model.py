@@ -110,14 +110,16 @@ def test_update_with_two_new_classes_then_predict_all_five(user_model, packaged,
     old_images, old_labels = make_images(OLD, 10, seed=2)
     old_dir = write_folder(tmp_path / "old", OLD, old_images, old_labels)
     out = tmp_path / "updated"
+    # 20 epochs: at 10 the new classes were only just learned (held-out 0.62 on one machine's rounding,
+    # 3 of 8 predictions right), so the assertions below depended on the CPU; at 20 they hold with room
     code = main(["update", "--model", str(packaged), "--data", str(new_dir), "--old-data", str(old_dir),
-                 "--out", str(out), "--epochs", "10", "--batch-size", "16", "--lr", "0.05", "--quiet"])
+                 "--out", str(out), "--epochs", "20", "--batch-size", "16", "--lr", "0.05", "--quiet"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["new_classes"] == NEW and report["strategy"] == "replay"
     assert report["exemplars"]["source"] == "--old-data"
     assert report["exemplars"]["rehearsed"] == 24  # 80% of the 10 kept images of each of the 3 old classes
-    # the head grew from 3 to 5 outputs and the 3 old ones were bit-identical right after growing
+    # the head grew from 3 to 5 outputs and the 3 old ones were unchanged right after growing (to float rounding)
     assert report["head"] == {"old_outputs": 3, "outputs": 5, "old_outputs_unchanged_at_growth": True}
     # old-class accuracy is measured (on the held-out part of --old-data), before and after
     assert report["n_eval_old"] > 0 and report["before"]["old_accuracy"] is not None

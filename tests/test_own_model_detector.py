@@ -92,7 +92,7 @@ def test_package_update_predict_feedback(user_detector, tmp_path, capsys):
     assert (tmp_path / "updated" / "report.png").is_file()
     updated, info = load_detector(tmp_path / "updated" / "model.pt")
     assert info["class_names"] == OLD + ["triangle"] and num_foreground_classes(updated) == 3
-    # the box predictor grew from (background, circle, square) to 4 outputs with the old 3 bit-identical
+    # the box predictor grew from (background, circle, square) to 4 outputs with the old 3 unchanged (to float rounding)
     assert report["head"] == {"old_outputs": 3, "outputs": 4, "old_outputs_unchanged_at_growth": True}
     # the package rebuilds the torchvision architecture with the user's settings
     assert updated.transform.min_size == (SIZE,) and updated.roi_heads.detections_per_img == 20

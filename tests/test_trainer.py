@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from incremental import HistoryLibrary, Plugin, Trainer, seed_everything
-from incremental.models import MLP, GrowingClassifier
+from incremental.models import MLP, GrowingClassifier, outputs_kept
 
 
 class BatchSizes(Plugin):
@@ -72,6 +72,19 @@ def test_growing_head_keeps_old_rows_and_optimizer_follows(digits_tiny):
     grown.linear.weight.data.copy_(old_w)
     grown.grow_to(7)
     assert torch.equal(grown.linear.weight[:4], old_w)
+
+
+def test_outputs_kept_allows_rounding_only():
+    before = torch.tensor([[1.0, -2.0, 3.0e-3]])
+    assert outputs_kept(before.clone(), before)
+    assert outputs_kept(before + torch.tensor([[2.4e-7, -2.4e-7, 0.0]]), before)  # the last bits of a GEMM
+    assert not outputs_kept(before + torch.tensor([[0.0, 0.0, 1e-4]]), before)  # a changed output
+    assert not outputs_kept(before[:, :2], before)  # not the same outputs at all
+    head = GrowingClassifier(8, 3)
+    x = torch.randn(5, 8)
+    reference = head(x).detach()
+    head.grow_to(6)
+    assert outputs_kept(head(x).detach()[:, :3], reference)
 
 
 def test_grow_to_never_shrinks():

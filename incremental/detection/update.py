@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import torch
 
 from ..data import Experience, ListSamples
+from ..models import outputs_kept
 from ..trainer import seed_everything
 from ..update import option_value
 from .coco import CocoFormatError, DetectionData, check_instances, load_coco_detection, load_json
@@ -102,15 +103,15 @@ def _summary(holdout: dict[str, Any] | None, old_data: dict[str, Any] | None) ->
 @torch.no_grad()
 def grow_box_predictor(predictor: torch.nn.Module, num_outputs: int) -> bool:
     """Grow the box predictor to ``num_outputs`` class outputs (background included) before training;
-    returns True when the old outputs (class scores and box deltas) are bit-identical after the growth,
-    checked on a seeded probe of box features."""
+    returns True when the old outputs (class scores and box deltas) are unchanged after the growth (to
+    float rounding, ``models.outputs_kept``), checked on a seeded probe of box features."""
     old = int(predictor.cls_score.out_features)
     probe = torch.randn(8, predictor.cls_score.in_features, generator=torch.Generator().manual_seed(0))
     probe = probe.to(predictor.cls_score.weight)
     scores, deltas = predictor(probe)
     predictor.grow_to(num_outputs)
     new_scores, new_deltas = predictor(probe)
-    return bool(torch.equal(new_scores[:, :old], scores) and torch.equal(new_deltas[:, : 4 * old], deltas))
+    return outputs_kept(new_scores[:, :old], scores) and outputs_kept(new_deltas[:, : 4 * old], deltas)
 
 
 def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = None) -> dict[str, Any]:
