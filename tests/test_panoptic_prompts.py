@@ -51,6 +51,33 @@ def test_newer_claims_by_hand():
     assert torch.equal(newer_claims([old_full, weak], [old_masks, new_masks], 0.6, 0.5)[0], old_full)
 
 
+def test_newer_claims_yield_by_hand():
+    big = 10.0
+    # 4x4 masks; deployed q0 (class 0) on the two left columns, q1 (class 0) one pixel at the top right
+    old_masks = torch.full((1, 2, 4, 4), -big)
+    old_masks[0, 0, :, :2] = big
+    old_masks[0, 1, 0, 3] = big
+    old_full = full_width_logits(torch.tensor([[[3.0, 0.0, 0.0], [3.0, 0.0, 0.0]]]), 0, 3)
+    # a confident group query on the three right columns (12 pixels): it holds all of q1 (a claim) and
+    # half of q0 (4 of q0's 8 pixels: no claim at cover 0.7), which is 4 / 12 = 0.33 of its own mask
+    new_masks = torch.full((1, 1, 4, 4), -big)
+    new_masks[0, 0, :, 1:] = big
+    new_logits = torch.tensor([[[FILL, FILL, 4.0, 0.0]]])
+    args = ([old_full, new_logits], [old_masks, new_masks], 0.5, 0.7, "ioa")
+    out_old, out_new = newer_claims(*args)  # no yielding: q1 claimed, q0 and the group keep their answers
+    assert (out_old[0, 1, :-1] == FILL).all() and torch.equal(out_old[0, 0], old_full[0, 0])
+    assert torch.equal(out_new, new_logits)
+    # yield at 0.3: 0.33 of the group's mask is on q0, which it does not claim: the group answers no
+    # object and its claim on q1 is withdrawn
+    out_old, out_new = newer_claims(*args, yield_overlap=0.3)
+    assert torch.equal(out_old, old_full)
+    assert out_new[0, 0, :-1].tolist() == [FILL, FILL, FILL] and out_new[0, 0, -1] == 0.0
+    # at 0.4 the overlap is too small to yield; and only queries of the yield classes count
+    assert torch.equal(newer_claims(*args, yield_overlap=0.4)[1], new_logits)
+    only_class_1 = torch.tensor([False, True, False])  # one entry per class
+    assert torch.equal(newer_claims(*args, yield_overlap=0.3, yield_classes=only_class_1)[1], new_logits)
+
+
 def grown(n_groups: int = 1) -> PromptedMask2Former:
     torch.manual_seed(0)
     model = build_panoptic_model(n_classes=3, prompt_queries=2, **TINY)
@@ -98,6 +125,7 @@ def test_a_second_group_freezes_the_first_and_rebuilds_from_its_arch_kwargs():
     kwargs = model.arch_kwargs()
     assert kwargs["prompt_groups"] == [1, 1] and kwargs["n_classes"] == 5 and kwargs["prompt_queries"] == 2
     assert kwargs["prompt_claim_cover"] == 0.7
+    assert kwargs["prompt_claim_yield"] is None and kwargs["prompt_thing_classes"] is None
     rebuilt = build_panoptic_model(**kwargs).eval()
     rebuilt.load_state_dict(model.state_dict())
     images = torch.rand(1, 3, 32, 32)
@@ -106,6 +134,32 @@ def test_a_second_group_freezes_the_first_and_rebuilds_from_its_arch_kwargs():
         build_panoptic_model(n_classes=5, prompt_queries=2, prompt_groups=[0], **TINY)
     plain = build_panoptic_model(n_classes=3, **TINY)
     assert type(plain) is PanopticMask2Former and plain.arch_kwargs()["n_classes"] == 3
+
+
+def test_the_model_applies_the_yield_rule_to_its_thing_classes():
+    model = grown(1).eval()
+    with torch.no_grad():  # every query confident: deployed ones in class 0, the group's in class 3
+        model.class_head.linear.bias[0] = 20.0
+        model.groups[0].class_head.bias[0] = 20.0
+    images = torch.rand(2, 3, 32, 32)
+    model.claims = False
+    raw = model(images)
+    dep, grp = raw["pred_logits"].split([4, 2], 1)
+    mdep, mgrp = raw["pred_masks"].split([4, 2], 1)
+    # no claims (cover 1) and any overlap with a confident thing query yields
+    model.claims, model.claim_cover, model.claim_yield = True, 1.0, 0.0
+    for things in ([0, 1, 2, 3], [0, 2], []):
+        model.thing_classes = things
+        mask = torch.zeros(4, dtype=torch.bool)
+        mask[things] = True
+        expected = torch.cat(newer_claims([dep, grp], [mdep, mgrp], 0.5, 1.0, "ioa", 0.0, mask), 1)
+        assert torch.equal(model(images)["pred_logits"], expected)
+        yielded = (expected[:, 4:, 3] == FILL).sum()  # group queries that gave way to a class-0 query
+        assert bool(yielded > 0) == (0 in things)
+    model.claim_cover, model.claim_yield = 0.7, None  # no yield: the claims alone
+    assert torch.equal(model(images)["pred_logits"], torch.cat(newer_claims([dep, grp], [mdep, mgrp], 0.5, 0.7), 1))
+    with pytest.raises(ValueError, match="prompt_claim_yield"):
+        build_panoptic_model(n_classes=3, prompt_queries=2, prompt_claim_yield=2.0, **TINY)
 
 
 def test_the_optimizer_holds_the_group_with_its_head_at_the_head_rate():
@@ -140,6 +194,7 @@ def test_a_run_with_query_groups_keeps_the_deployed_model_and_resumes_identicall
     deployed = load_model(tmp_path / "a" / "model_step0.pt").build().state_dict()
     final = load_model(tmp_path / "a" / "model.pt")
     assert final.arch_kwargs["prompt_groups"] == [1, 1] and final.class_names[-2:] == ["cross", "ring"]
+    assert final.arch_kwargs["prompt_thing_classes"] == [0, 1, 4, 5]  # circle, square, cross, ring
     weights = final.build().state_dict()
     assert all(torch.equal(weights[k], v) for k, v in deployed.items())  # every deployed weight untouched
     # killed after step 1: the restore must rebuild the step-1 group alone (it grows one step at a time)
@@ -157,6 +212,7 @@ def test_a_run_with_query_groups_keeps_the_deployed_model_and_resumes_identicall
     ("strategy={plugins: [{name: replay}], history: {mem_size: 8}}", "model.prompt_queries: a query group learns"),
     ("model.prompt_queries=-1", "model.prompt_queries: must be >= 0"),
     ("model.prompt_claim_cover=1.5", "model.prompt_claim_cover: must be in [0, 1]"),
+    ("model.prompt_claim_yield=1.5", "model.prompt_claim_yield: must be in [0, 1] or null"),
 ])
 def test_query_groups_refuse_what_they_cannot_use(run_config, tmp_path, capsys, override, message):
     assert main(["run", str(run_config), "--out", str(tmp_path / "x"), "--quiet", "--set", override]) == 2
@@ -183,6 +239,7 @@ def test_update_of_a_package_with_query_groups_adds_a_group(tmp_path):
     assert report["strategy"] == "query_groups" and any("query group" in n for n in report["notes"])
     updated = load_model(out / "model.pt")
     assert updated.arch_kwargs["prompt_groups"] == [1] and updated.class_names == [*old, "cross"]
+    assert updated.arch_kwargs["prompt_thing_classes"] == [0, 1, 4]  # circle, square, cross
     rebuilt = updated.build()
     before = copy.deepcopy(model.state_dict())
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in before.items())

@@ -290,6 +290,7 @@ def build_panoptic_model(**kwargs: Any) -> PanopticMask2Former:
         from .prompts import PromptedMask2Former
 
         return PromptedMask2Former(**kwargs)
-    for key in ("prompt_queries", "prompt_groups", "prompt_own_layers", "prompt_own_pixel_decoder", "prompt_claim_cover"):
+    for key in ("prompt_queries", "prompt_groups", "prompt_own_layers", "prompt_own_pixel_decoder", "prompt_claim_cover",
+                "prompt_claim_yield", "prompt_thing_classes"):
         kwargs.pop(key, None)
     return PanopticMask2Former(**kwargs)

@@ -84,7 +84,8 @@ def full_width_logits(logits: torch.Tensor, first: int, n_total: int) -> torch.T
 
 
 def newer_claims(logits: list[torch.Tensor], masks: list[torch.Tensor], score_threshold: float = 0.5,
-                 cover: float = 0.5, measure: str = "ioa") -> list[torch.Tensor]:
+                 cover: float = 0.5, measure: str = "ioa", yield_overlap: float | None = None,
+                 yield_classes: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per query segment (deployed queries first, then the groups in step order), the logits with every
     class set to ``FILL`` for the queries whose mask overlaps the mask of a confident query (class
     probability > ``score_threshold``) of a *later* segment by more than ``cover``: that query then
@@ -92,9 +93,18 @@ def newer_claims(logits: list[torch.Tensor], masks: list[torch.Tensor], score_th
     mask lies mostly inside the later one); "iou": intersection over union (the two masks agree).
     A segment suppressed by a later one claims nothing itself (segments are visited newest first).
 
+    ``yield_overlap`` (None: off): a confident later query that overlaps a confident earlier query it
+    does not claim by more than this fraction of its own mask yields instead: it answers "no object"
+    and its claims are withdrawn. Either the later query's object holds the earlier one, or the earlier
+    one was there first. ``yield_classes`` (bool per class; None: all): only earlier queries answering
+    one of these make a later one yield (things: a stuff region is not an object to yield to).
+
     Why: the frozen deployed queries have never seen the new classes and label them confidently as an
     old class (a cross as a circle); a group was trained on its step's images, where old-class objects
-    were its "no object", so where a group is confident it knows better than the older queries.
+    were its "no object", so where a group is confident it knows better than the older queries. The
+    reverse error happens too: a group fires on an old-class object with a mask that covers part of it
+    (a cross on a circle); without ``yield_overlap`` both segments then fight over the pixels and
+    panoptic inference drops both, leaving a hole.
     """
     if measure not in ("ioa", "iou"):
         raise ValueError(f"measure must be 'ioa' or 'iou', got {measure!r}")
@@ -105,14 +115,29 @@ def newer_claims(logits: list[torch.Tensor], masks: list[torch.Tensor], score_th
         confident = out[later].softmax(-1)[..., :-1].max(-1).values > score_threshold  # (B, n_later)
         if not bool(confident.any()):
             continue
-        for earlier in range(later):
-            inter = torch.einsum("bihw,bjhw->bij", binary[earlier], binary[later])
-            if measure == "ioa":
-                denom = areas[earlier][..., None].expand_as(inter)
-            else:
-                denom = areas[earlier][..., None] + areas[later][:, None, :] - inter
-            covered = ((inter / denom.clamp(min=1) > cover) & confident[:, None, :]).any(-1)
-            out[earlier][..., :-1] = out[earlier][..., :-1].masked_fill(covered[..., None], FILL)
+        # the earlier segments together: (B, n_earlier) queries
+        earlier_binary = torch.cat(binary[:later], 1)
+        earlier_area = torch.cat(areas[:later], 1)
+        earlier_logits = torch.cat(out[:later], 1)
+        inter = torch.einsum("bihw,bjhw->bij", earlier_binary, binary[later])
+        if measure == "ioa":
+            denom = earlier_area[..., None].expand_as(inter)
+        else:
+            denom = earlier_area[..., None] + areas[later][:, None, :] - inter
+        claims = (inter / denom.clamp(min=1) > cover) & confident[:, None, :]  # (B, n_earlier, n_later)
+        if yield_overlap is not None:
+            score, label = earlier_logits.softmax(-1)[..., :-1].max(-1)
+            earlier_confident = score > score_threshold
+            if yield_classes is not None:
+                earlier_confident &= yield_classes.to(label.device)[label]
+            of_later = inter / areas[later][:, None, :].clamp(min=1)
+            yields = (earlier_confident[..., None] & ~claims & (of_later > yield_overlap)).any(1) & confident
+            claims = claims & ~yields[:, None, :]
+            out[later][..., :-1] = out[later][..., :-1].masked_fill(yields[..., None], FILL)
+        covered = claims.any(-1)  # (B, n_earlier)
+        earlier_logits[..., :-1] = earlier_logits[..., :-1].masked_fill(covered[..., None], FILL)
+        for k, part in enumerate(earlier_logits.split([lg.shape[1] for lg in out[:later]], 1)):
+            out[k] = part
     return out
 
 
@@ -126,12 +151,15 @@ class PromptedMask2Former(PanopticMask2Former):
 
     def __init__(self, n_classes: int, *, prompt_queries: int = 8, prompt_groups: list[int] | tuple[int, ...] = (),
                  prompt_own_layers: bool = False, prompt_own_pixel_decoder: bool = False,
-                 prompt_claim_cover: float = 0.7, **kwargs: Any) -> None:
+                 prompt_claim_cover: float = 0.7, prompt_claim_yield: float | None = None,
+                 prompt_thing_classes: list[int] | tuple[int, ...] | None = None, **kwargs: Any) -> None:
         if prompt_queries < 1:
             raise ValueError(f"prompt_queries must be >= 1, got {prompt_queries}")
         groups = [int(g) for g in prompt_groups]
         if not 0.0 <= prompt_claim_cover <= 1.0:
             raise ValueError(f"prompt_claim_cover must be in [0, 1], got {prompt_claim_cover}")
+        if prompt_claim_yield is not None and not 0.0 <= prompt_claim_yield <= 1.0:
+            raise ValueError(f"prompt_claim_yield must be in [0, 1] or None, got {prompt_claim_yield}")
         if any(g < 1 for g in groups):
             raise ValueError(f"prompt_groups must be class counts >= 1, got {groups}")
         base_classes = n_classes - sum(groups)
@@ -144,6 +172,10 @@ class PromptedMask2Former(PanopticMask2Former):
         self.prompt_own_pixel_decoder = bool(prompt_own_pixel_decoder)
         # inference: confident later queries claim the objects older queries mislabel (newer_claims)
         self.claims, self.claim_threshold, self.claim_measure = True, 0.5, "ioa"
+        # ... or yield to the older objects they overlap without claiming them; only thing classes count
+        # (None: every class), since a stuff region is not an object a query could be mistaken for
+        self.claim_yield = None if prompt_claim_yield is None else float(prompt_claim_yield)
+        self.thing_classes = None if prompt_thing_classes is None else [int(c) for c in prompt_thing_classes]
         self.claim_cover = float(prompt_claim_cover)
         self.groups = nn.ModuleList()
         for size in groups:
@@ -156,7 +188,8 @@ class PromptedMask2Former(PanopticMask2Former):
     def arch_kwargs(self) -> dict[str, Any]:
         return {**self.config, "n_classes": self.n_classes, "prompt_queries": self.prompt_queries,
                 "prompt_groups": [g.n_classes for g in self.groups], "prompt_own_layers": self.prompt_own_layers,
-                "prompt_own_pixel_decoder": self.prompt_own_pixel_decoder, "prompt_claim_cover": self.claim_cover}
+                "prompt_own_pixel_decoder": self.prompt_own_pixel_decoder, "prompt_claim_cover": self.claim_cover,
+                "prompt_claim_yield": self.claim_yield, "prompt_thing_classes": self.thing_classes}
 
     def _add_group(self, n_new: int) -> None:
         for p in self.parameters():
@@ -195,11 +228,15 @@ class PromptedMask2Former(PanopticMask2Former):
             return stage_outputs(group_stages(self.groups[-1]))
         segments = [[(full_width_logits(lg, 0, n_total), mk) for lg, mk in deployed],
                     *(group_stages(g) for g in self.groups)]
+        yield_classes = None
+        if self.thing_classes is not None:
+            yield_classes = torch.zeros(n_total, dtype=torch.bool, device=images.device)
+            yield_classes[[c for c in self.thing_classes if c < n_total]] = True
         merged = []
         for stage in zip(*segments):  # per decoder stage: every segment's (logits, masks)
             logits = [lg for lg, _ in stage]
             if self.claims:
                 logits = newer_claims(logits, [mk for _, mk in stage], self.claim_threshold, self.claim_cover,
-                                      self.claim_measure)
+                                      self.claim_measure, self.claim_yield, yield_classes)
             merged.append((torch.cat(logits, 1), torch.cat([mk for _, mk in stage], 1)))
         return stage_outputs(merged)

@@ -191,6 +191,8 @@ def update(package: Any, data_path: str | Path, out_dir: Path, options: Any = No
     plugins.append(ScheduleAndClip("cosine", 1.0))
     model.train()
     model.grow_to(len(names))  # before the optimizer, so that it holds the new rows (or query group)
+    if getattr(model, "prompt_queries", 0):  # query groups: the claim rule's yield counts thing queries only
+        model.thing_classes = list(things)
     head_lr = _option(options, "head_lr")
     trainer = PanopticTrainer(model, make_optimizer(model, lr, 1e-4, None if head_lr is None else float(head_lr)),
                               SetCriterion(),

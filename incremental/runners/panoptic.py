@@ -104,6 +104,9 @@ class ModelConfig:
     prompt_own_layers: bool = False  # each query group with a trainable copy of the decoder layers
     prompt_own_pixel_decoder: bool = False  # ... and of the pixel decoder
     prompt_claim_cover: float = 0.7  # inference: how much of an old query's mask a confident newer one must cover
+    # inference: a confident newer query overlapping an older thing query it does not claim by more than this
+    # fraction of its own mask yields to it (None: never)
+    prompt_claim_yield: float | None = None
 
     def validate(self) -> None:
         check(self.n_queries >= 1, "model.n_queries", "must be >= 1")
@@ -117,6 +120,8 @@ class ModelConfig:
         check(self.prompt_queries >= 0, "model.prompt_queries", f"must be >= 0, got {self.prompt_queries}")
         check(0.0 <= self.prompt_claim_cover <= 1.0, "model.prompt_claim_cover",
               f"must be in [0, 1], got {self.prompt_claim_cover}")
+        check(self.prompt_claim_yield is None or 0.0 <= self.prompt_claim_yield <= 1.0, "model.prompt_claim_yield",
+              f"must be in [0, 1] or null, got {self.prompt_claim_yield}")
 
     def kwargs(self, n_classes: int) -> dict[str, Any]:
         return dict(n_classes=n_classes, n_queries=self.n_queries, hidden_dim=self.hidden_dim, n_layers=self.n_layers,
@@ -124,7 +129,8 @@ class ModelConfig:
                     backbone_channels=list(self.backbone_channels), mask_stride=self.mask_stride,
                     **({"prompt_queries": self.prompt_queries, "prompt_own_layers": self.prompt_own_layers,
                         "prompt_own_pixel_decoder": self.prompt_own_pixel_decoder,
-                        "prompt_claim_cover": self.prompt_claim_cover} if self.prompt_queries else {}))
+                        "prompt_claim_cover": self.prompt_claim_cover,
+                        "prompt_claim_yield": self.prompt_claim_yield} if self.prompt_queries else {}))
 
 
 @dataclass
@@ -290,7 +296,10 @@ class PanopticRun(Run):
     def new_model(self, n_classes: int) -> torch.nn.Module:
         from ..panoptic.model import build_panoptic_model
 
-        return build_panoptic_model(**self.cfg.model.kwargs(n_classes))
+        kwargs = self.cfg.model.kwargs(n_classes)
+        if self.cfg.model.prompt_queries:  # the claim rule's yield counts thing queries only
+            kwargs["prompt_thing_classes"] = list(self.scenario.thing_classes)
+        return build_panoptic_model(**kwargs)
 
     def make_accumulator(self, trainer: Any) -> Any:
         from ..panoptic.pq import PanopticQualityAccumulator
