@@ -31,7 +31,7 @@ from .datasets import DataError, LabelledData
 from .models import outputs_kept
 from .package import ModelPackage, PackageError, save_model
 from .preprocessing import LEGACY_INPUT, Preprocessing, load_labelled
-from .trainer import Trainer, seed_everything
+from .trainer import Trainer, grow_model, seed_everything
 
 #: Kept for callers that build packages by hand (``classifier_package_extra``).
 DEFAULT_INPUT = LEGACY_INPUT
@@ -173,14 +173,6 @@ def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
     return float((logits_on(model, x, device).argmax(1) == y).float().mean())
 
 
-def grow_heads(model: nn.Module, n_classes: int) -> None:
-    """Grow every growing head of ``model`` to ``n_classes`` outputs (old rows copied)."""
-    for module in model.modules():
-        grow = getattr(module, "grow_to", None)
-        if callable(grow):
-            grow(n_classes)
-
-
 def _exemplars(package: ModelPackage, options: UpdateOptions, old_x: torch.Tensor, old_y: torch.Tensor,
                prep: Preprocessing) -> tuple[str, HistoryLibrary | None, str | None, str | None, torch.Tensor]:
     """(strategy, library, where its samples came from, note, mask of the ``--old-data`` samples kept
@@ -240,7 +232,7 @@ def update(package: ModelPackage, data_path: str | Path, out_dir: Path, options:
     teacher = copy.deepcopy(model) if strategy == "lwf" else None
     probe = x[train_idx[:64]]
     reference = logits_on(model, probe, device)
-    grow_heads(model, len(all_names))
+    grow_model(model, len(all_names))
     old_outputs_unchanged = outputs_kept(logits_on(model, probe, device)[:, :n_old], reference)
 
     plugins: list[Any] = []

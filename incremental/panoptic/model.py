@@ -290,7 +290,5 @@ def build_panoptic_model(**kwargs: Any) -> PanopticMask2Former:
         from .prompts import PromptedMask2Former
 
         return PromptedMask2Former(**kwargs)
-    for key in ("prompt_queries", "prompt_groups", "prompt_own_layers", "prompt_own_pixel_decoder", "prompt_claim_cover",
-                "prompt_claim_yield", "prompt_thing_classes"):
-        kwargs.pop(key, None)
-    return PanopticMask2Former(**kwargs)
+    # the query-group settings (every ``prompt_*`` key) mean nothing to the plain model
+    return PanopticMask2Former(**{k: v for k, v in kwargs.items() if not k.startswith("prompt_")})
