@@ -17,7 +17,8 @@ One process, one thread, everything side by side:
 3. Cost: training time of gradient mixing vs plain replay at equal samples per step (32 training + 32
    history samples), on the experiences that have a history (1..4), interleaved repetitions, CPU time
    and wall time; plus the floor any implementation of the method pays (the extra forward/backward
-   alone, no mixing), on the benchmark MLP and on a wider one.
+   alone, no mixing), on the benchmark MLP and on a wider one. ``floor``: the phases of a hand-written
+   replay step and ghost step (no loop, no plugin), what the method costs without any bookkeeping.
 4. Insertion cost of the library policies (samples/s): reservoir, class-balanced, herding,
    loss-stratified.
 5. Stale gradients: steps whose gradient differs from the one the step should use, for Avalanche's
@@ -248,7 +249,7 @@ def transfer_plan(scenario: str, shots: int) -> list[tuple[str, dict[str, Any]]]
     if scenario == "digits_transfer":
         plan += [(f"gradient mixing: {rule} + {DEFAULT_POLICY}", {"name": "gradient_mixing", "rule": rule})
                  for rule in ("sum_der", "pcgrad_der", "mega_der", "agem")]
-        if shots == 10:
+        if shots in (5, 10):
             plan.append(("ceiling: default, the whole general training set as history",
                          {"name": "gradient_mixing", "mem_size": 2000}))
     return plan
@@ -400,6 +401,8 @@ def cost_part(args: argparse.Namespace) -> dict[str, Any]:
             "over_replay_cpu": {k: v[0] / rep[0] for k, v in med.items()},
             "over_replay_wall": {k: v[1] / rep[1] for k, v in med.items()},
             "all_cpu_s": {k: [c for c, _ in v] for k, v in samples.items()},
+            # each repetition's own ratio (the kinds of one repetition ran back to back): the spread
+            "paired_ratio_cpu": {k: [c / r for (c, _), (r, _) in zip(v, samples["replay"])] for k, v in samples.items()},
         }
         log(f"  cost {model_name} done", args.quiet)
     return out
@@ -413,6 +416,106 @@ def print_cost_table(out: dict[str, Any]) -> list[str]:
         cells = [f"{1000 * r['cpu_s'][k] / r['steps']:7.1f} ms {r['over_replay_cpu'][k]:4.2f}x ({r['over_replay_wall'][k]:4.2f})"
                  for k in COST_KINDS[1:]]
         lines.append(f"{name:42s} | {1000 * r['cpu_s']['replay'] / r['steps']:9.1f} | " + " | ".join(f"{c:>22s}" for c in cells))
+        spread = r["paired_ratio_cpu"]["mixing, auto"]
+        lines.append(f"{'':42s}   auto / replay within one repetition: {min(spread):.2f}x - {max(spread):.2f}x "
+                     f"over {len(spread)} repetitions")
+    log("\n".join(lines), QUIET)
+    return lines
+
+
+# 3b. The floor: where a ghost step's time goes, hand-written, no loop and no plugin
+# ==================================================================================================
+
+FLOOR_PHASES = {"replay": ("forward", "loss", "backward", "optimizer step"),
+                "ghost": ("forward", "loss", "backward to outputs", "Gram matrices", "weighted gradients",
+                          "optimizer step")}
+
+
+def floor_part(args: argparse.Namespace) -> dict[str, Any]:
+    """Median time of each phase of a minimal replay step and a minimal ghost step (the default rule:
+    DER's logit term in the history loss), interleaved step by step on the benchmark MLP, 32 + 32 samples.
+
+    Why: the loop's ratio mixes the method's own work with the loop's and the plugin's bookkeeping; this
+    shows what the method costs with none of it, i.e. what no implementation of it can go below.
+    """
+    import torch.nn.functional as F
+
+    from incremental.linear_gradients import LinearCapture, group_gram, output_gradients, views_by_param
+
+    build, shape = COST_MODELS[next(iter(COST_MODELS))]
+    torch.manual_seed(0)
+    model = build()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.01)
+    capture = LinearCapture(model)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2 * BATCH, *shape, generator=gen), torch.randint(0, 10, (2 * BATCH,), generator=gen)
+    stored = torch.randn(BATCH, 10, generator=gen)
+    out_bufs = [torch.empty_like(p) for p in params]
+    views = views_by_param(params, out_bufs)
+    times: dict[str, dict[str, list[float]]] = {k: {p: [] for p in v} for k, v in FLOOR_PHASES.items()}
+
+    def replay_step() -> list[float]:
+        t = [time.perf_counter()]
+        opt.zero_grad()
+        out = model(x)
+        t.append(time.perf_counter())
+        loss = F.cross_entropy(out, y)
+        t.append(time.perf_counter())
+        loss.backward()
+        t.append(time.perf_counter())
+        opt.step()
+        t.append(time.perf_counter())
+        return t
+
+    def ghost_step() -> list[float]:
+        t = [time.perf_counter()]
+        opt.zero_grad()
+        capture.start()
+        out = model(x)
+        capture.stop()
+        t.append(time.perf_counter())
+        loss_t = F.cross_entropy(out[:BATCH], y[:BATCH])
+        loss_h = F.cross_entropy(out[BATCH:], y[BATCH:]) + 0.3 * F.mse_loss(out[BATCH:], stored)
+        t.append(time.perf_counter())
+        dz = output_gradients(loss_h + loss_t, capture.records)
+        t.append(time.perf_counter())
+        (sq_h, dot), (_, sq_t) = group_gram(capture.records, dz, BATCH).tolist()
+        t.append(time.perf_counter())
+        w_h = 1.0 + max(0.0, -dot) / max(sq_h, 1e-12)  # any weight: the work does not depend on it
+        for r, g in zip(capture.records, dz):
+            g[BATCH:].mul_(w_h)
+            torch.mm(g.T, r.x, out=views[id(r.module.weight)])
+            torch.sum(g, dim=0, out=views[id(r.module.bias)])
+        for p, v in zip(params, out_bufs):
+            p.grad = v
+        capture.records = []
+        t.append(time.perf_counter())
+        opt.step()
+        t.append(time.perf_counter())
+        return t
+
+    steps = {"replay": replay_step, "ghost": ghost_step}
+    n = args.floor_steps
+    for i in range(n + n // 5):  # the first fifth warms up
+        for kind, step in steps.items():
+            t = step()
+            if i >= n // 5:
+                for phase, a, b in zip(FLOOR_PHASES[kind], t, t[1:]):
+                    times[kind][phase].append(1e6 * (b - a))
+    capture.remove()
+    med = {k: {p: statistics.median(v) for p, v in phases.items()} for k, phases in times.items()}
+    totals = {k: sum(v.values()) for k, v in med.items()}
+    return {"steps": n, "phase_us": med, "total_us": totals, "ratio": totals["ghost"] / totals["replay"]}
+
+
+def print_floor_table(out: dict[str, Any]) -> list[str]:
+    lines = ["", f"The floor: phases of a hand-written step, MLP 784-256-256-10, 32 + 32 samples, median over "
+                 f"{out['steps']} interleaved steps (us)"]
+    for kind, phases in out["phase_us"].items():
+        cells = ", ".join(f"{p} {v:.0f}" for p, v in phases.items())
+        lines.append(f"  {kind:7s} {out['total_us'][kind]:6.0f} = {cells}")
+    lines.append(f"  ghost / replay: {out['ratio']:.2f}x")
     log("\n".join(lines), QUIET)
     return lines
 
@@ -562,8 +665,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=800, help="adaptation steps on the transfer scene")
     parser.add_argument("--transfer-mem", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7, help="timing repetitions")
+    parser.add_argument("--cost-models", dest="cost_which", nargs="+", choices=["mlp", "resnet"], default=["mlp", "resnet"],
+                        help="models of the cost part")
     parser.add_argument("--cost-steps", type=int, default=200, help="timed steps per repetition (MLP; resnet: a tenth)")
-    parts = ["split", "transfer", "fashion_transfer", "cost", "insertion", "stale"]
+    parser.add_argument("--floor-steps", type=int, default=1000, help="interleaved steps of the floor part")
+    parts = ["split", "transfer", "fashion_transfer", "cost", "floor", "insertion", "stale"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--fashion-shots", type=int, nargs="+", default=[10])
     parser.add_argument("--fashion-rules", nargs="*", default=[], type=fashion_rule,
@@ -574,7 +680,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gradient_mixing[_quick].json)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    args.cost_models = [(name, steps) for name, steps in zip(COST_MODELS, (args.cost_steps, max(4, args.cost_steps // 10)))]
+    args.cost_models = [(name, steps) for name, steps, key in zip(COST_MODELS, (args.cost_steps, max(4, args.cost_steps // 10)),
+                                                                  ("mlp", "resnet")) if key in args.cost_which]
     global EPOCHS, QUIET, TRANSFER_GRAD_CLIP
     QUIET = args.quiet
     TRANSFER_GRAD_CLIP = args.transfer_grad_clip
@@ -583,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         EPOCHS = 3
         args.seeds, args.mems, args.shots, args.steps, args.repeats = [0], [200], [10], 100, 2
         args.cost_models = [(next(iter(COST_MODELS)), 20)]
+        args.floor_steps = 50
     torch.set_num_threads(1)
     _hide_avalanche_warnings()
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
@@ -603,6 +711,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "cost" in args.parts:
         results["cost"] = cost_part(args)
         lines += print_cost_table(results["cost"])
+    if "floor" in args.parts:
+        results["cost_floor"] = floor_part(args)
+        lines += print_floor_table(results["cost_floor"])
     if "insertion" in args.parts:
         results["insertion"] = insertion_part(args)
         lines += print_insertion_table(results["insertion"])

@@ -236,6 +236,9 @@ class Trainer:
         self.mb_output: Any = None
         self.loss: torch.Tensor | None = None
         self._loss_terms: dict[str, torch.Tensor] | torch.Tensor = {}
+        #: Set by a plugin that has written this step's gradients itself (gradient mixing's one-pass
+        #: paths) and left a loss that needs no backward; reset before every step's before_backward.
+        self.gradients_written = False
         self.is_training = False
         self.current_eval_stream: Any = None
         self._stop_training = False
@@ -318,6 +321,10 @@ class Trainer:
     def backward(self) -> None:
         # With uneven shards (an epoch's last minibatch) each rank's mean loss is re-weighted so that
         # the average over ranks is the mean over the global minibatch.
+        # A plugin that wrote the gradients itself leaves a loss without a graph: nothing to propagate
+        # (a term another plugin adds after it brings a graph back, and its gradient is taken).
+        if self.gradients_written and not self.loss.requires_grad:
+            return
         loss = self.loss if self._loss_weight == 1.0 else self.loss * self._loss_weight
         loss.backward(retain_graph=self.retain_graph)
 
@@ -500,6 +507,7 @@ class Trainer:
                 else:
                     self.loss += self.criterion()
 
+            self.gradients_written = False
             self._fire("before_backward", **kwargs)
             self.backward()
             self._fire("after_backward", **kwargs)

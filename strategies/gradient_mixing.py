@@ -272,9 +272,15 @@ class GradientMixingPlugin(Plugin):
         # The graph is kept (it goes with the step's outputs): a plugin after this one may add a term of
         # the outputs (LwF's distillation) whose gradient the loop's backward then takes through it.
         # The loop's backward runs on a stand-in with the transfer loss's value (for loggers); a term a
-        # later plugin adds to it back-propagates into .grad, which after_backward adds to g_t.
-        self._anchor = torch.zeros((), device=loss_t.device, requires_grad=True)
-        strategy.loss = self._stand_in = self._anchor + strategy.loss.detach()
+        # later plugin adds to it back-propagates into .grad, which after_backward adds to g_t. This
+        # project's loop skips the backward of a stand-in that nothing was added to (gradients_written);
+        # other loops (Avalanche) always call it, so there the stand-in hangs from a trivial graph.
+        if hasattr(strategy, "gradients_written"):
+            strategy.gradients_written = True
+            strategy.loss = self._stand_in = strategy.loss.detach().clone()  # its own storage: a later += stays off the graph
+        else:
+            anchor = torch.zeros((), device=loss_t.device, requires_grad=True)
+            strategy.loss = self._stand_in = anchor + strategy.loss.detach()
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
         batch = self.last_history_batch

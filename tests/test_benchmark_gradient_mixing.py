@@ -24,3 +24,20 @@ def test_fashion_rules_take_an_optional_logit_weight(monkeypatch) -> None:
     assert extra == {"gradient mixing: similarity_der + herding [logit_weight=1]":
                      {"name": "gradient_mixing", "rule": "similarity_der", "logit_weight": 1.0},
                      "gradient mixing: sum_der + herding": {"name": "gradient_mixing", "rule": "sum_der"}}
+
+
+def test_floor_part_times_every_phase_of_both_hand_written_steps() -> None:
+    out = bench.floor_part(argparse.Namespace(floor_steps=10))
+    for kind, phases in bench.FLOOR_PHASES.items():
+        assert tuple(out["phase_us"][kind]) == phases
+        assert all(v > 0 for v in out["phase_us"][kind].values())
+        assert out["total_us"][kind] == pytest.approx(sum(out["phase_us"][kind].values()))
+    assert out["ratio"] == pytest.approx(out["total_us"]["ghost"] / out["total_us"]["replay"])
+
+
+def test_cost_models_can_be_chosen_on_the_command_line(monkeypatch, tmp_path) -> None:
+    seen = []
+    monkeypatch.setattr(bench, "cost_part", lambda args: seen.append([n for n, _ in args.cost_models]) or {})
+    monkeypatch.setattr(bench, "print_cost_table", lambda out: [])
+    bench.main(["--parts", "cost", "--cost-models", "mlp", "--quiet", "--out", str(tmp_path / "c.json")])
+    assert seen == [[next(iter(bench.COST_MODELS))]]

@@ -120,6 +120,51 @@ def test_stop_training_ends_the_epoch(digits_tiny):
     assert trainer.clock.train_iterations == 2
 
 
+class WritesGradients(Plugin):
+    """Writes every gradient itself in before_backward (all ones) and leaves a loss without a graph."""
+
+    def __init__(self, add_term_after=False):
+        super().__init__()
+        self.add_term_after = add_term_after
+
+    def before_backward(self, strategy, **kwargs):
+        for p in strategy.model.parameters():
+            p.grad = torch.ones_like(p)
+        strategy.gradients_written = True
+        strategy.loss = strategy.loss.detach().clone()
+        if self.add_term_after:  # what a later plugin's regulariser does: its gradient must still arrive
+            strategy.loss += list(strategy.model.parameters())[-1].sum()
+
+
+def test_a_plugin_that_wrote_the_gradients_skips_the_loops_backward(digits_tiny):
+    trainer = make_trainer(plugins=[WritesGradients()])
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.optimizer.param_groups[0]["lr"] = 0.5
+    trainer.train(digits_tiny.train_stream[0])  # a backward on the detached loss would raise
+    steps = trainer.clock.train_iterations
+    for b, p in zip(before, trainer.model.parameters()):
+        assert torch.allclose(p.detach(), b - 0.5 * steps)  # the plugin's ones, nothing else
+    assert trainer.gradients_written
+
+
+def test_a_term_added_after_the_written_gradients_still_back_propagates(digits_tiny):
+    trainer = make_trainer(plugins=[WritesGradients(add_term_after=True)])
+    bias = list(trainer.model.parameters())[-1]
+    before = bias.detach().clone()
+    trainer.train(digits_tiny.train_stream[0])
+    # ones from the plugin plus ones from d(sum bias)/d bias accumulated into .grad by the loop's backward
+    assert torch.allclose(bias.detach(), before - 0.1 * 2 * trainer.clock.train_iterations)
+
+
+def test_the_loop_backward_still_runs_when_no_plugin_wrote_gradients(digits_tiny):
+    class DetachesOnly(Plugin):
+        def before_backward(self, strategy, **kwargs):
+            strategy.loss = strategy.loss.detach()
+
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        make_trainer(plugins=[DetachesOnly()]).train(digits_tiny.train_stream[0])
+
+
 class StepNorms(torch.optim.SGD):
     """SGD that records the gradient's total norm it steps with."""
 
