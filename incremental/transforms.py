@@ -112,3 +112,30 @@ def output_size(cfg: TransformsConfig, image_size: tuple[int, int]) -> tuple[int
         h, w = _pair(cfg.random_crop.size)
         return (h, w)
     return cfg.resize_hw() or image_size
+
+
+def shift_images(images: torch.Tensor, offsets: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Each image ``n`` of ``(N, C, H, W)`` translated by ``offsets[:, n] - max_shift`` pixels (rows, then
+    columns), the uncovered border filled with 0: a crop at ``offsets[:, n]`` of the zero-padded image.
+
+    Why by hand: torchvision's transforms draw one crop per call, so a batch would share one shift; this
+    gathers every sample's own crop in one indexing op, on the batch's device.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    if offsets.shape != (2, n) or int(offsets.min()) < 0 or int(offsets.max()) > 2 * max_shift:
+        raise ValueError(f"expected (2, {n}) offsets in [0, {2 * max_shift}], got {tuple(offsets.shape)}")
+    device = images.device
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4).permute(0, 2, 3, 1)  # (N, H+2s, W+2s, C)
+    rows = offsets[0].to(device)[:, None] + torch.arange(h, device=device)
+    cols = offsets[1].to(device)[:, None] + torch.arange(w, device=device)
+    crops = padded[torch.arange(n, device=device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return crops.permute(0, 3, 1, 2).contiguous()
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """:func:`shift_images` with every sample's shift drawn uniformly from ``[-max_shift, max_shift]^2``
+    by ``generator`` (a CPU generator: the draws do not depend on the device)."""
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, len(images)), generator=generator)
+    return shift_images(images, offsets, max_shift)

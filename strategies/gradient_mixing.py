@@ -29,10 +29,11 @@ from incremental.linear_gradients import (
     weighted_gradients_into,
 )
 from incremental.plugins import Plugin
+from incremental.transforms import random_shift
 from .logit_memory import LogitMemory
 from .mixing_rules import (
-    DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, AsymmetricCrossEntropy, Geometry, combine, gram_matrix,
-    logit_replay_loss, mix,
+    DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, AsymmetricCrossEntropy, Geometry, LogitAdjustedCrossEntropy,
+    class_log_prior, combine, gram_matrix, logit_replay_loss, mix,
 )
 from .mixing_stats import STAT_NAMES, plot_stats, summarize_stats
 
@@ -83,7 +84,7 @@ class GradientMixingPlugin(Plugin):
     def __init__(self, rule: str = DEFAULT_RULE, *, mem_size: int = 200,
                  storage_policy: str | StoragePolicy = DEFAULT_POLICY, history_batch_size: int | None = None,
                  seed: int | None = None, gradient_pass: str = "auto", logit_weight: float = 0.3,
-                 record_stats: bool = True) -> None:
+                 logit_adjustment: float = 0.0, history_shift: int = 0, record_stats: bool = True) -> None:
         super().__init__()
         check(isinstance(rule, str) and rule in RULES, "rule",
               f"unknown gradient mixing rule {rule!r}; known: {', '.join(RULES)}")
@@ -97,8 +98,21 @@ class GradientMixingPlugin(Plugin):
               f"must be one of {', '.join(GRADIENT_PASSES)}, got {gradient_pass!r}")
         check(isinstance(logit_weight, numbers.Real) and logit_weight >= 0, "logit_weight",
               f"must be a number >= 0, got {logit_weight!r}")
+        check(isinstance(logit_adjustment, numbers.Real) and logit_adjustment >= 0, "logit_adjustment",
+              f"must be a number >= 0, got {logit_adjustment!r}")
+        check(_is_int(history_shift) and history_shift >= 0, "history_shift",
+              f"must be an integer >= 0 (pixels), got {history_shift!r}")
         self.rule_name, self.rule = rule, RULES[rule]
         self.ace = TRANSFER_LOSSES[rule] == "ace"
+        check(not (self.ace and logit_adjustment > 0), "logit_adjustment",
+              f"the {rule} rule's asymmetric loss already leaves the other classes out; use one or the other")
+        #: ``tau`` of the logit-adjusted cross-entropy both losses take (0: the loop's criterion as it is).
+        self.logit_adjustment = float(logit_adjustment)
+        self._label_counts: torch.Tensor | None = None  # labels of this experience's joint minibatches
+        #: Each history image is translated by up to this many pixels, its own random shift every time it
+        #: is replayed (0: replayed as stored); the draws come from the run's seed.
+        self.history_shift = int(history_shift)
+        self._shift_generator: torch.Generator | None = None
         self.logits = LogitMemory() if HISTORY_LOSSES[rule] == "der" else None
         self.logit_weight = float(logit_weight)
         self.mem_size, self.storage_policy, self.history_batch_size = int(mem_size), storage_policy, history_batch_size
@@ -144,6 +158,7 @@ class GradientMixingPlugin(Plugin):
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._params_cache = None
+        self._label_counts = None
         self._ghost_checked = self._impure_loss = False
         if self.logits is not None:
             self.logits.ensure(self._library(strategy), strategy.model, strategy.device)
@@ -173,11 +188,15 @@ class GradientMixingPlugin(Plugin):
             batch = strategy.mb_history
         else:
             batch = move_to(next(self._own_iter), strategy.device) if self._own_iter is not None else None
+        if batch is not None and self.history_shift:
+            batch = self._shifted(strategy, batch)
         self.last_history_batch = batch
         if batch is not None and self.logits is not None:
             idx = self._library(strategy).last_indices
             self._stored_logits = self.logits.targets(strategy.sharder.shard(idx) if self._sharded(strategy) else idx,
                                                       strategy.device)
+        if batch is not None and self.logit_adjustment > 0:
+            self._count_labels(strategy.mbatch[1], batch[1])
         self._ghost = batch is not None and self._use_ghost(strategy, batch)
         self._fused = self._ghost or (batch is not None and self._use_fused(strategy, batch))
         if self._fused:
@@ -232,6 +251,8 @@ class GradientMixingPlugin(Plugin):
             strategy.mbatch = self._transfer_batch
         if self.ace:  # the loop's criterion() gives ER-ACE's transfer loss until before_backward
             self._saved_criterion, strategy._criterion = strategy._criterion, AsymmetricCrossEntropy()
+        elif self.logit_adjustment > 0:  # ... or the logit-adjusted one
+            self._saved_criterion, strategy._criterion = strategy._criterion, self._adjusted_criterion(strategy.mb_output)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self._saved_criterion is not None:
@@ -379,20 +400,50 @@ class GradientMixingPlugin(Plugin):
     def _weighted_history_loss(self, strategy: Any, batch: Batch, output: Any = None) -> torch.Tensor:
         """The history loss as the loop computes a loss (its criterion, under its autocast): on ``output``
         when the joint forward gave it, else after one more forward; re-weighted for an uneven shard."""
-        saved = (strategy.mbatch, strategy.mb_output)
+        saved = (strategy.mbatch, strategy.mb_output, strategy._criterion)
         amp = bool(getattr(strategy, "amp", False))
         try:
             strategy.mbatch = batch
             with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
                 strategy.mb_output = strategy.forward() if output is None else output
+                if self.logit_adjustment > 0:
+                    strategy._criterion = self._adjusted_criterion(strategy.mb_output)
                 loss = _scalar(strategy.criterion())
                 if self.logits is not None:
                     loss = loss + self.logit_weight * logit_replay_loss(strategy.mb_output, self._stored_logits)
         finally:
-            strategy.mbatch, strategy.mb_output = saved
+            strategy.mbatch, strategy.mb_output, strategy._criterion = saved
         if self._sharded(strategy):  # same re-weighting the loop applies to its own loss for uneven shards
             loss = loss * self._history_shard_weight(strategy, batch)
         return loss
+
+    def _shifted(self, strategy: Any, batch: Batch) -> Batch:
+        """The history batch with every image shifted (the library's stored tensors are left as they are)."""
+        x = batch[0]
+        check(isinstance(x, torch.Tensor) and x.dim() == 4, "history_shift",
+              f"needs (N, C, H, W) image batches, got {type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
+        if self._shift_generator is None:
+            self._shift_generator = torch.Generator().manual_seed(self._library_seed(strategy) + 7919)
+        return (random_shift(x, self.history_shift, self._shift_generator), *batch[1:])
+
+    def _count_labels(self, *labels: Any) -> None:
+        """Adds a step's transfer and history labels to this experience's counts (the prior of the
+        logit-adjusted loss: the label frequencies of the joint minibatches the model trains on)."""
+        for y in labels:
+            check(isinstance(y, torch.Tensor) and y.dim() == 1 and not y.is_floating_point(), "logit_adjustment",
+                  "needs class-index labels (a 1-d integer tensor per minibatch)")
+            counts = torch.bincount(y)
+            old = self._label_counts
+            if old is not None:
+                if len(old) > len(counts):
+                    old, counts = counts, old
+                counts = counts.clone()
+                counts[: len(old)] += old
+            self._label_counts = counts
+
+    def _adjusted_criterion(self, output: torch.Tensor) -> LogitAdjustedCrossEntropy:
+        assert self._label_counts is not None
+        return LogitAdjustedCrossEntropy(class_log_prior(self._label_counts, output.shape[1]), self.logit_adjustment)
 
     def _buffers(self, strategy: Any) -> GradientBuffers:
         """Trainable parameters and their flat buffers, listed once per epoch (walking the modules every
@@ -453,13 +504,17 @@ class GradientMixingPlugin(Plugin):
 
     def state_dict(self) -> dict[str, Any]:
         return {"library": None if self.library is None else self.library.state_dict(),
-                "logits": None if self.logits is None else self.logits.state_dict()}
+                "logits": None if self.logits is None else self.logits.state_dict(),
+                "shift_generator": None if self._shift_generator is None else self._shift_generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("library") is not None:
             self._own_library().load_state_dict(state["library"])
         if self.logits is not None and state.get("logits") is not None:
             self.logits.load_state_dict(state["logits"])
+        if state.get("shift_generator") is not None:
+            self._shift_generator = torch.Generator()
+            self._shift_generator.set_state(state["shift_generator"])
 
 
 def _is_int(value: Any) -> bool:

@@ -196,6 +196,49 @@ def asymmetric_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tor
     return F.cross_entropy(logits[:, present], torch.searchsorted(present, targets))
 
 
+
+def class_log_prior(counts: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``log pi_c`` for the first ``n_classes`` classes from label counts, one pseudo-count each.
+
+    Why the pseudo-count: a class with no sample yet (a head row grown for a class not in this
+    experience's minibatches) gets a small finite prior instead of ``log 0``.
+    """
+    if counts.dim() != 1:
+        raise ValueError(f"expected a 1-d tensor of label counts, got shape {tuple(counts.shape)}")
+    smoothed = torch.ones(n_classes, dtype=torch.float32, device=counts.device)
+    k = min(n_classes, len(counts))
+    smoothed[:k] += counts[:k].float()
+    return smoothed.log() - smoothed.sum().log()
+
+
+def logit_adjusted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor,
+                                 tau: float) -> torch.Tensor:
+    """Cross-entropy of ``z + tau log pi`` (logit adjustment, Menon et al., ICLR 2021; for rehearsal,
+    LAS, Huang et al., 2024), ``pi`` the label frequencies of the minibatches the model trains on.
+
+    Why: in class-incremental training the joint minibatch holds 16 samples of each new class and a few
+    of each old one, so plain cross-entropy learns that prior into the logits and, at test time, calls
+    old samples new. Training on prior-shifted logits lets the raw logits fit the class-balanced
+    posterior instead; inference uses the raw logits. ``tau = 0`` is plain cross-entropy.
+    """
+    if logits.dim() != 2 or log_prior.shape != (logits.shape[1],):
+        raise ValueError(f"expected (N, C) logits and a (C,) log prior, got {tuple(logits.shape)} and {tuple(log_prior.shape)}")
+    return F.cross_entropy(logits + tau * log_prior.to(logits.dtype), targets)
+
+
+class LogitAdjustedCrossEntropy(torch.nn.Module):
+    """:func:`logit_adjusted_cross_entropy` with a fixed prior, as a criterion module."""
+
+    def __init__(self, log_prior: torch.Tensor, tau: float) -> None:
+        super().__init__()
+        self.log_prior, self.tau = log_prior, float(tau)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        prior = self.log_prior
+        if len(prior) != logits.shape[1]:
+            raise ValueError(f"the prior covers {len(prior)} classes, the logits {logits.shape[1]}")
+        return logit_adjusted_cross_entropy(logits, targets, prior, self.tau)
+
 def logit_replay_loss(logits: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     """DER's term: mean squared difference between the logits and the logits stored with the samples.
 

@@ -25,7 +25,8 @@ from incremental.trainer import Trainer
 from incremental.flat_gradients import flatten_grads
 from strategies.gradient_mixing import GradientMixingPlugin
 from strategies.mixing_rules import (
-    DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, WEIGHTS, asymmetric_cross_entropy, logit_replay_loss, mix,
+    DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, WEIGHTS, asymmetric_cross_entropy, class_log_prior,
+    logit_adjusted_cross_entropy, logit_replay_loss, mix,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +138,48 @@ def test_grad_is_exactly_the_mixed_gradient_in_our_loop(digits, rule: str, gradi
     # the loop handed the plugin the training minibatch alone (history consumed, not concatenated)
     assert all(len(batch[0]) <= 16 for _, batch, _, _ in probe.records)
 
+
+
+class PriorProbe(Plugin):
+    """The label counts gradient mixing's logit adjustment used at each step (read before the update)."""
+
+    def __init__(self, mixing: GradientMixingPlugin) -> None:
+        super().__init__()
+        self.mixing, self.counts = mixing, []
+
+    def before_update(self, strategy: Any, **kwargs: Any) -> None:
+        counts = self.mixing._label_counts
+        self.counts.append(None if counts is None else counts.clone())
+
+
+@pytest.mark.parametrize("gradient_pass", ["two_pass", "fused", "ghost"])
+def test_logit_adjustment_mixes_the_gradients_of_both_adjusted_losses(digits, gradient_pass: str) -> None:
+    torch.manual_seed(0)
+    model = MLP(64, 32, 10)
+    plugin = GradientMixingPlugin(rule="similarity_der", gradient_pass=gradient_pass, logit_adjustment=1.0)
+    probe, priors = Probe(plugin), PriorProbe(plugin)
+    our_trainer(model, [probe, plugin, priors]).train(digits.train_stream[:2])
+    mixed, running, differs = 0, torch.zeros(10, dtype=torch.long), 0
+    for (m, batch, history, grads), counts in zip(probe.records, priors.counts):
+        if history is None:  # first experience: the loop's own step, nothing adjusted
+            assert counts is None
+            continue
+        mixed += 1
+        # the prior counts the labels of this experience's joint minibatches so far, this step's included
+        running += torch.bincount(batch[1], minlength=10) + torch.bincount(history[1], minlength=10)
+        assert torch.equal(counts, running[: len(counts)]) and int(running[len(counts):].sum()) == 0
+        params = list(m.parameters())
+        log_prior = class_log_prior(counts, 10)
+        loss_t = logit_adjusted_cross_entropy(m(batch[0]), batch[1], log_prior, 1.0)
+        out_h = m(history[0])
+        stored, weight = history[2]
+        loss_h = logit_adjusted_cross_entropy(out_h, history[1], log_prior, 1.0) + weight * logit_replay_loss(out_h, stored)
+        g_t = flatten_grads(torch.autograd.grad(loss_t, params), params)
+        g_h = flatten_grads(torch.autograd.grad(loss_h, params), params)
+        expected = mix("similarity_der", g_h, g_t, loss_h, loss_t).grad
+        assert torch.allclose(actual_gradient(m, grads), expected, atol=1e-6, rtol=0)
+        differs += not torch.allclose(expected, independent_gradient(m, batch, history, "similarity_der"), atol=1e-4)
+    assert mixed >= 10 and differs == mixed  # and the adjustment changed every step's gradient
 
 @pytest.mark.parametrize("gradient_pass", ["two_pass", "ghost"])
 def test_grad_is_exact_when_the_head_grows(digits, gradient_pass: str) -> None:
@@ -372,6 +415,7 @@ def test_avalanche_example_runs_quick(tmp_path: Path) -> None:
     ({"mem_size": -1}, "mem_size"), ({"mem_size": 2.5}, "mem_size"), ({"rule": "cosine"}, "rule"),
     ({"storage_policy": "newest"}, "storage_policy"), ({"history_batch_size": 0}, "history_batch_size"),
     ({"seed": "0"}, "seed"), ({"gradient_pass": "three"}, "gradient_pass"), ({"logit_weight": -0.1}, "logit_weight"),
+    ({"logit_adjustment": -1.0}, "logit_adjustment"), ({"logit_adjustment": 1.0, "rule": "similarity_ace_der"}, "logit_adjustment"),
 ])
 def test_impossible_options_fail_at_once_naming_the_option(options: dict, name: str) -> None:
     from incremental.config import ConfigError
@@ -529,3 +573,81 @@ def test_auto_leaves_the_joint_forward_when_another_plugin_adds_a_term_first(dig
     our_trainer(MLP(64, 32, 10), [L2OnTheLoss(), plugin, Spy()]).train(digits.train_stream[:2])
     mixed = joint[-len(plugin.stats[1]):]
     assert calls == [] and mixed[0] and not any(mixed[1:])
+
+
+def test_logit_adjustment_needs_class_index_labels() -> None:
+    from incremental.config import ConfigError
+
+    plugin = GradientMixingPlugin(logit_adjustment=1.0)
+    with pytest.raises(ConfigError, match="logit_adjustment.*class-index labels"):
+        plugin._count_labels(torch.tensor([0.5, 1.0]))
+    plugin._count_labels(torch.tensor([2, 0]), torch.tensor([4]))  # a longer count vector grows the total
+    assert plugin._label_counts.tolist() == [1, 0, 1, 0, 1]
+
+
+class HistorySeen(Plugin):
+    """The loop's stored history batch and the one gradient mixing replayed, each step."""
+
+    def __init__(self, mixing: GradientMixingPlugin) -> None:
+        super().__init__()
+        self.mixing, self.pairs, self.library = mixing, [], []
+
+    def before_update(self, strategy: Any, **kwargs: Any) -> None:
+        if strategy.mb_history is not None:
+            self.pairs.append((strategy.mb_history[0].clone(), self.mixing.last_history_batch[0].clone()))
+            self.library.append(strategy.history.samples.x.clone())
+
+
+def image_experiences(seed: int = 0) -> list[Any]:
+    from incremental.data import Experience, TensorSamples
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(2):
+        y = torch.arange(2 * k, 2 * k + 2).repeat(24)
+        x = torch.rand(len(y), 1, 6, 6, generator=gen) + y.view(-1, 1, 1, 1) / 4
+        out.append(Experience(TensorSamples(x, y), k, [2 * k, 2 * k + 1]))
+    return out
+
+
+def train_with_shift(seed: int, shift: int = 1) -> tuple[Trainer, HistorySeen]:
+    torch.manual_seed(0)
+    model = MLP(36, 16, 4)
+    plugin = GradientMixingPlugin(history_shift=shift)
+    seen = HistorySeen(plugin)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss(), train_mb_size=8,
+                      plugins=[plugin, seen], history=HistoryLibrary(20, "reservoir", seed=0), seed=seed)
+    for exp in image_experiences():
+        trainer.train(exp)
+    return trainer, seen
+
+
+def test_history_shift_replays_each_stored_image_shifted_and_leaves_the_library_alone() -> None:
+    from incremental.transforms import shift_images
+
+    trainer, seen = train_with_shift(seed=0)
+    assert len(seen.pairs) >= 6
+    moved = 0
+    for original, replayed in seen.pairs:
+        for x, y in zip(original, replayed):  # some shift within one pixel of the image as stored
+            shifts = [shift_images(x[None], torch.tensor([[i], [j]]), 1)[0] for i in range(3) for j in range(3)]
+            assert any(torch.equal(y, s) for s in shifts)
+            moved += not torch.equal(x, y)
+    assert moved > len(seen.pairs)  # most replays moved (1 in 9 is the identity)
+    # the same seed replays the same shifts; the plugin's generator survives a checkpoint
+    _, again = train_with_shift(seed=0)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(seen.pairs, again.pairs))
+    plugin = trainer.plugins[0]
+    state = plugin.state_dict()
+    other = GradientMixingPlugin(history_shift=1)
+    other.load_state_dict(state)
+    assert torch.equal(other._shift_generator.get_state(), plugin._shift_generator.get_state())
+    assert all(torch.equal(x, seen.library[0]) for x in seen.library)  # the stored images never moved
+
+
+def test_history_shift_needs_image_batches(digits) -> None:
+    from incremental.config import ConfigError
+
+    plugin = GradientMixingPlugin(history_shift=1)
+    with pytest.raises(ConfigError, match="history_shift.*N, C, H, W"):
+        our_trainer(MLP(64, 32, 10), [plugin]).train(digits.train_stream[:2])

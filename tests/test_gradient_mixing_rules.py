@@ -14,6 +14,7 @@ import torch
 from incremental.flat_gradients import GradientBuffers, assign_flat_grad, batched_gradients_into, flatten_grads
 from incremental.selection import herding_order, stratified_ranks
 from strategies.mixing_rules import (
+    LogitAdjustedCrossEntropy, class_log_prior, logit_adjusted_cross_entropy,
     HISTORY_LOSSES,
     RULES,
     TRANSFER_LOSSES,
@@ -229,6 +230,35 @@ def test_flatten_and_assign_round_trip_with_none() -> None:
 
 
 # ---------------------------------------------------------------- combined rules: the losses
+
+
+def test_class_log_prior_by_hand() -> None:
+    # counts [3, 1] over a head of 3 classes: one pseudo-count each -> [4, 2, 1] / 7
+    prior = class_log_prior(torch.tensor([3, 1]), 3)
+    assert torch.allclose(prior, torch.tensor([math.log(4 / 7), math.log(2 / 7), math.log(1 / 7)]))
+    # more counted classes than the head has: the head's columns only, normalised over them
+    assert torch.allclose(class_log_prior(torch.tensor([1, 1, 6]), 2), torch.tensor([math.log(0.5)] * 2))
+    with pytest.raises(ValueError, match="1-d"):
+        class_log_prior(torch.ones(2, 2), 2)
+
+
+def test_logit_adjusted_cross_entropy_by_hand() -> None:
+    # logits [0, 0], target 0, prior [0.75, 0.25]: adjusted logits [log .75, log .25] -> -log(0.75) = 0.287682;
+    # the frequent class must win by more on its own samples, the rare one by less
+    log_prior = torch.tensor([math.log(0.75), math.log(0.25)], dtype=torch.float64)
+    z = torch.zeros(1, 2, dtype=torch.float64)
+    assert float(logit_adjusted_cross_entropy(z, torch.tensor([0]), log_prior, 1.0)) == pytest.approx(-math.log(0.75))
+    assert float(logit_adjusted_cross_entropy(z, torch.tensor([1]), log_prior, 1.0)) == pytest.approx(-math.log(0.25))
+    # tau scales the shift: tau 2 -> [2 log .75, 2 log .25] -> -log(.5625 / (.5625 + .0625)) = -log(0.9)
+    assert float(logit_adjusted_cross_entropy(z, torch.tensor([0]), log_prior, 2.0)) == pytest.approx(-math.log(0.9))
+    # tau 0 is the plain cross-entropy
+    logits, y = torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    assert float(logit_adjusted_cross_entropy(logits, y, log_prior, 0.0)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, y)))
+    with pytest.raises(ValueError, match="prior"):
+        logit_adjusted_cross_entropy(logits, y, log_prior[:1], 1.0)
+    with pytest.raises(ValueError, match="covers 1 classes"):
+        LogitAdjustedCrossEntropy(log_prior[:1], 1.0)(logits, y)
 
 def test_asymmetric_cross_entropy_by_hand() -> None:
     # logits [[1, 2, 0], [0, 1, 3]], targets [0, 2]: present classes {0, 2}, so class 1 is left out.

@@ -3,6 +3,7 @@ handling, the report's numbers against the cells' results.json, and the submitit
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import statistics
@@ -183,6 +184,32 @@ def test_report_pools_replicate_axes_with_the_seeds(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--pool", "train.thread"]) == 2
     assert "--pool train.thread: no run" in capsys.readouterr().err
 
+
+
+def test_report_pairs_a_key_seed_by_seed_against_its_first_value(tmp_path, capsys):
+    # accuracy / forgetting per (shift, mem, seed); the seed 3 run of shift 1, memory 200 is missing
+    runs = {(0, 200, 0): (0.70, 0.20), (0, 200, 1): (0.80, 0.10), (0, 200, 2): (0.75, 0.15), (0, 200, 3): (0.9, 0.1),
+            (1, 200, 0): (0.72, 0.17), (1, 200, 1): (0.81, 0.12), (1, 200, 2): (0.79, 0.10),
+            (0, 500, 0): (0.80, 0.10), (0, 500, 1): (0.82, 0.08),
+            (1, 500, 0): (0.79, 0.10), (1, 500, 1): (0.80, 0.10)}
+    for (shift, mem, seed), (acc, fgt) in runs.items():
+        _fake_results(tmp_path / f"{shift}-{mem}-{seed}", {"seed": seed, "shift": shift, "mem": mem},
+                      average_accuracy=acc, forgetting=fgt)
+    assert main(["report", str(tmp_path), "--paired", "shift", "--no-plots"]) == 0
+    pairs = json.loads((tmp_path / "report" / "report.json").read_text())["paired"]
+    assert [(p["mem"], p["shift"], p["reference"]) for p in pairs] == [(200, 1, 0), (500, 1, 0)]
+    acc200 = pairs[0]["average_accuracy"]
+    # differences +2, +1, +4 points (seed 3 has no partner): mean 2.333, std 1.528, t(0.975, 2) = 4.303
+    assert acc200["n"] == 3 and acc200["higher"] == 3
+    assert acc200["mean"] == pytest.approx(7 / 3) and acc200["std"] == pytest.approx(statistics.stdev([2, 1, 4]))
+    half = 4.302653 * statistics.stdev([2, 1, 4]) / math.sqrt(3)
+    assert acc200["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half], rel=1e-5)
+    fgt500 = pairs[1]["forgetting"]  # 0 and +2 points
+    assert fgt500["mean"] == pytest.approx(1.0) and fgt500["higher"] == 1
+    out = capsys.readouterr().out
+    assert "Paired by seed against shift = 0" in out and "| 200 | 1 − 0 | +2.33 ± 1.53 | [-1.46, +6.13] | 3 of 3 |" in out
+    assert main(["report", str(tmp_path), "--paired", "threads"]) == 2
+    assert "--paired threads: not a setting key" in capsys.readouterr().err
 
 def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2

@@ -1,4 +1,4 @@
-"""``incremental report DIR [--out REPORT_DIR] [--pool KEY]``: one table over every results.json under DIR."""
+"""``incremental report DIR [--out REPORT_DIR] [--pool KEY] [--paired KEY]``: one table over every results.json under DIR."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--pool", action="append", default=[], metavar="KEY",
                    help="a config key (as in --set) whose runs count as replicates, like seeds (repeatable)")
+    p.add_argument("--paired", metavar="KEY",
+                   help="a setting key (as in --set) whose values are compared seed by seed against its first one")
     p.set_defaults(handler=cmd_report)
 
 
@@ -20,7 +22,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..grids.report import ReportError, write_report
 
     try:
-        table, files = write_report(args.dir, args.out, plots=not args.no_plots, pool=args.pool)
+        table, files = write_report(args.dir, args.out, plots=not args.no_plots, pool=args.pool, paired=args.paired)
     except ReportError as exc:
         raise UsageError(str(exc)) from None
     print(table)

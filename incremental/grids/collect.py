@@ -104,7 +104,8 @@ def find_runs(root: str | Path) -> list[Run]:
     return runs
 
 
-def _key(value: Any) -> str:
+def value_key(value: Any) -> str:
+    """A config value as a hashable, order-independent key (settings are compared by it)."""
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -117,7 +118,7 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
     for key in order:
         if key.startswith(IGNORED_PREFIXES):
             continue
-        if len({_key(r.config.get(key)) for r in runs}) > 1:
+        if len({value_key(r.config.get(key)) for r in runs}) > 1:
             out.append(key)
     return out
 
@@ -127,7 +128,7 @@ def moves_with_seed(runs: Sequence[Run], key: str) -> bool:
     forward: dict[str, str] = {}
     backward: dict[str, str] = {}
     for r in runs:
-        s, v = _key(r.seed), _key(r.config.get(key))
+        s, v = value_key(r.seed), value_key(r.config.get(key))
         if forward.setdefault(s, v) != v or backward.setdefault(v, s) != s:
             return False
     return True
@@ -143,5 +144,5 @@ def group_runs(runs: Sequence[Run], pool: Sequence[str] = ()) -> tuple[list[str]
     groups: dict[str, Group] = {}
     for r in runs:
         setting = {k: r.config.get(k) for k in keys}
-        groups.setdefault(_key(setting), Group(setting)).runs.append(r)
+        groups.setdefault(value_key(setting), Group(setting)).runs.append(r)
     return keys, list(groups.values())

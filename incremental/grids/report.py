@@ -74,10 +74,11 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_report(root: str | Path, out: str | Path | None = None, plots: bool = True,
-                 pool: Sequence[str] = ()) -> tuple[str, list[Path]]:
+                 pool: Sequence[str] = (), paired: str | None = None) -> tuple[str, list[Path]]:
     """Aggregate every run under ``root``; writes ``report.{md,csv,json}`` and PNGs to ``out``
     (default ``root/report``). ``pool``: config keys whose runs count as replicates of one setting, as
-    seeds do. Returns the Markdown table and the files written."""
+    seeds do. ``paired``: a setting key whose values are compared seed by seed against its first value
+    (:mod:`incremental.grids.paired`; also ``paired.md``). Returns the Markdown text and the files written."""
     root = Path(root)
     runs = find_runs(root)
     if not runs:
@@ -86,19 +87,31 @@ def write_report(root: str | Path, out: str | Path | None = None, plots: bool = 
     if unknown:
         raise ReportError(f"--pool {unknown[0]}: no run under {root} has this config key (keys as in --set)")
     keys, groups = group_runs(runs, pool)
+    if paired is not None and paired not in keys:
+        raise ReportError(f"--paired {paired}: not a setting key of the runs under {root} "
+                          f"(their settings differ in: {', '.join(keys) or 'nothing but the seed'})")
     rows = build_table(groups, keys)
     out = Path(out) if out is not None else root / "report"
     table = markdown(rows, keys)
     over = " and ".join(["seeds", *pool])
     header = f"{len(runs)} runs under {root}, {len(groups)} settings (mean ± sample std over {over})"
+    text = f"{header}\n\n{table}"
+    pairs: list[dict[str, Any]] = []
+    if paired is not None:
+        from .paired import paired_markdown, paired_rows
+
+        pairs = paired_rows(groups, keys, paired, pool)
+        text += (f"\n\nPaired by seed against {paired} = {describe(groups[0].setting[paired])} (other − reference, "
+                 f"points; 95% t interval):\n\n{paired_markdown(pairs, keys, paired)}")
     files = [
-        write_text(out / "report.md", f"{header}\n\n{table}\n"),
+        write_text(out / "report.md", f"{text}\n"),
         write_text(out / "report.csv", csv_text(rows)),
         write_json(out / "report.json", {"root": str(root), "setting_keys": keys, "pooled": list(pool), "rows": rows,
+                                         "paired_key": paired, "paired": pairs,
                                          "runs": [str(r.path.relative_to(root)) for r in runs]}),
     ]
     if plots:
         from .report_plots import plot_all
 
         files += plot_all(groups, keys, out)
-    return f"{header}\n\n{table}", files
+    return text, files
