@@ -319,12 +319,12 @@ class Trainer:
         self._loss_terms = terms
 
     def backward(self) -> None:
-        # With uneven shards (an epoch's last minibatch) each rank's mean loss is re-weighted so that
-        # the average over ranks is the mean over the global minibatch.
         # A plugin that wrote the gradients itself leaves a loss without a graph: nothing to propagate
         # (a term another plugin adds after it brings a graph back, and its gradient is taken).
         if self.gradients_written and not self.loss.requires_grad:
             return
+        # With uneven shards (an epoch's last minibatch) each rank's mean loss is re-weighted so that
+        # the average over ranks is the mean over the global minibatch.
         loss = self.loss if self._loss_weight == 1.0 else self.loss * self._loss_weight
         loss.backward(retain_graph=self.retain_graph)
 

@@ -73,6 +73,12 @@ class GradientMixingPlugin(Plugin):
     over the joint batch, as replay does). The mixed gradient becomes every ``.grad`` as a view into a
     persistent buffer (a logger keeping ``.grad`` across steps must clone it).
 
+    Two options change what is replayed, both off by default (docs/gradient_mixing.md, "Why this one cell"):
+    ``history_shift`` shifts every replayed history image by its own random offset of up to that many
+    pixels (a small library replayed for many epochs is otherwise fitted pixel for pixel), and
+    ``logit_adjustment`` trains both losses on logits shifted by ``tau log pi``, ``pi`` the label
+    frequencies of the experience's joint minibatches.
+
     Under torchrun the plugin all-reduces ``[g_h, g_t, loss_h, loss_t]`` in one collective before mixing
     (``averages_gradients`` tells the loop not to use DDP). ``stats[experience]`` holds one dict per step
     (``similarity``, ``w_h``, ``w_t``, ``norm_h``, ``norm_t``, ``loss_h``, ``loss_t``, ``conflict``).

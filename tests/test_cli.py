@@ -107,6 +107,31 @@ def test_killed_run_resumes_to_identical_numbers(tmp_path):
     assert a["average_accuracy"] == b["average_accuracy"]
 
 
+
+def test_killed_run_with_shifted_history_resumes_to_identical_numbers(tmp_path):
+    # gradient mixing's history_shift draws from its own generator: a resumed run must continue its draws
+    import yaml
+
+    from tests.data_fixtures import write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", n_per_class=10, n_classes=4)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed": 0, "scenario": {"name": "class_incremental", "source": "imagefolder", "root": str(root),
+                                "test_fraction": 0.25, "n_experiences": 4},
+        "strategy": {"plugins": [{"name": "gradient_mixing", "history_shift": 1}], "history": {"mem_size": 12}},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 0.1}, "model": {"name": "mlp", "hidden_size": 16}}))
+    args = ["run", str(config), "--quiet"]
+    ref = _cli([*args, "--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    killed = _cli([*args, "--out", str(tmp_path / "k")], env={"INCREMENTAL_KILL_AFTER_EXPERIENCE": "2"})
+    assert killed.returncode == -9
+    resumed = _cli([*args, "--out", str(tmp_path / "k"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "ref" / "results.json").read_text())
+    b = json.loads((tmp_path / "k" / "results.json").read_text())
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+
 def test_truncated_checkpoint_is_refused_and_the_previous_one_used(tmp_path):
     args = ["run", "configs/quickstart.yaml", *TINY, "--set", "scenario.n_experiences=4"]
     ref = _cli([*args, "--out", str(tmp_path / "ref")])
