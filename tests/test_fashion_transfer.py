@@ -113,3 +113,14 @@ def test_split_fashion_mnist_config_takes_the_quickstart_overrides() -> None:
     assert (cfg.seed, cfg.scenario.class_order, cfg.strategy.names(), cfg.strategy.history.mem_size) == \
         (3, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0], ["replay"], 500)
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.model.hidden_layers) == (3, 64, 0.01, 3)
+
+
+def test_split_fashion_mnist_3epochs_config_takes_the_measured_options() -> None:
+    from incremental.cli import prepare_run
+    from strategies.registry import build_plugin
+
+    _, cfg, _ = prepare_run(str(REPO / "configs" / "split_fashion_mnist_3epochs.yaml"), [])
+    assert (cfg.train.epochs, cfg.strategy.history.mem_size, cfg.train.grad_clip) == (3, 200, 5.0)
+    (entry,) = cfg.strategy.plugins
+    plugin = build_plugin(entry)
+    assert (plugin.history_shift, plugin.logit_weight, plugin.rule_name) == (1, 1.0, "similarity_der")
