@@ -651,3 +651,52 @@ def test_history_shift_needs_image_batches(digits) -> None:
     plugin = GradientMixingPlugin(history_shift=1)
     with pytest.raises(ConfigError, match="history_shift.*N, C, H, W"):
         our_trainer(MLP(64, 32, 10), [plugin]).train(digits.train_stream[:2])
+
+
+def test_history_shift_inside_avalanche_naive_replays_its_own_library_shifted() -> None:
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset as tensor_dataset
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from incremental.transforms import shift_images
+
+    ours = split_digits(5, seed=0)
+    x = torch.cat([e.dataset.x for e in ours.train_stream[:2]]).view(-1, 1, 8, 8)
+    y = torch.cat([e.dataset.y for e in ours.train_stream[:2]])
+    bench = class_incremental_benchmark({"train": tensor_dataset(x, y), "test": tensor_dataset(x, y)},
+                                        class_order=ours.class_order[:4], num_classes_per_exp=[2, 2])
+
+    class Replayed(Plugin):
+        def __init__(self, mixing: GradientMixingPlugin) -> None:
+            super().__init__()
+            self.mixing, self.batches, self.stored = mixing, [], None
+
+        def before_update(self, strategy: Any, **kwargs: Any) -> None:
+            if self.mixing.last_history_batch is not None:
+                self.batches.append(self.mixing.last_history_batch[0].clone())
+                self.stored = self.mixing.library.samples.x.clone()  # what the library held while replaying
+
+    def run() -> tuple[Replayed, list[torch.Tensor]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            model = MLP(64, 32, 4)
+            plugin = GradientMixingPlugin(mem_size=30, history_shift=1)
+            seen = Replayed(plugin)
+            naive = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                          criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1,
+                          plugins=[plugin, seen], evaluator=EvaluationPlugin(loggers=[]))
+            for exp in bench.train_stream:
+                naive.train(exp)
+        return seen, seen.batches
+
+    seen, batches = run()
+    stored = seen.stored
+    assert len(batches) >= 5 and all(b.shape[1:] == (1, 8, 8) for b in batches)
+    shifts = [shift_images(stored, torch.tensor([[k // 3], [k % 3]]).expand(2, len(stored)), 1) for k in range(9)]
+    candidates = {tuple(s[i].flatten().tolist()) for s in shifts for i in range(len(stored))}
+    assert all(tuple(img.flatten().tolist()) in candidates for b in batches for img in b)  # stored images, shifted
+    assert any(not any(torch.equal(img, s) for s in stored) for b in batches for img in b)  # and some moved
+    _, again = run()  # the generator comes from the experiment's torch seed: same seed, same shifts
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
