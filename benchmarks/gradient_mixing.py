@@ -361,9 +361,27 @@ COST_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 COST_KINDS = ("replay", "mixing, auto", "mixing, two passes", "mixing, fused", "extra pass only")
 
 
-def time_training(kind: str, model_name: str, steps: int) -> tuple[float, float]:
-    """(CPU s, wall s) of ``steps`` training steps of 32 new + 32 history samples (random tensors: the
-    cost does not depend on the values), after an untimed first step."""
+class StepClock(Plugin):
+    """Wall time from one step's start to the next's: everything a step costs, the loop included.
+
+    Why beside the total: the median over steps ignores the bursts of load this machine's neighbours cause,
+    which move a whole run's total by tens of per cent (docs/gradient_mixing.md, "Cost").
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[float] = []
+
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self.starts.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:])]
+
+
+def time_training(kind: str, model_name: str, steps: int) -> tuple[float, float, list[float]]:
+    """(CPU s, wall s, per-step wall s) of ``steps`` training steps of 32 new + 32 history samples (random
+    tensors: the cost does not depend on the values), after an untimed first step."""
     build, shape = COST_MODELS[model_name]
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((steps + 1) * BATCH, *shape, generator=gen)
@@ -376,13 +394,16 @@ def time_training(kind: str, model_name: str, steps: int) -> tuple[float, float]
                           "mixing, fused": [GradientMixingPlugin(gradient_pass="fused")],
                           "mixing, auto": [GradientMixingPlugin(gradient_pass="auto")],
                           "extra pass only": [ExtraPassOnly()]}[kind]
+    clock = StepClock()
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.CrossEntropyLoss(),
-                      train_mb_size=BATCH, train_epochs=1, plugins=plugins, history=history, seed=0, shuffle=False)
+                      train_mb_size=BATCH, train_epochs=1, plugins=[*plugins, clock], history=history, seed=0,
+                      shuffle=False)
     trainer.train(Experience(TensorSamples(x[:BATCH], y[:BATCH]), 0, list(range(10))))  # warm-up step
     exp = Experience(TensorSamples(x[BATCH:], y[BATCH:]), 1, list(range(10)))
+    clock.starts = []
     cpu, wall = time.process_time(), time.perf_counter()
     trainer.train(exp)
-    return time.process_time() - cpu, time.perf_counter() - wall
+    return time.process_time() - cpu, time.perf_counter() - wall, clock.intervals()
 
 
 def cost_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -391,9 +412,12 @@ def cost_part(args: argparse.Namespace) -> dict[str, Any]:
         for kind in COST_KINDS:  # warm-up
             time_training(kind, model_name, 2)
         samples: dict[str, list[tuple[float, float]]] = {k: [] for k in COST_KINDS}
+        step_s: dict[str, list[float]] = {k: [] for k in COST_KINDS}
         for _ in range(args.repeats):
             for kind in COST_KINDS:  # interleaved, so load changes hit all of them alike
-                samples[kind].append(time_training(kind, model_name, steps))
+                cpu, wall, intervals = time_training(kind, model_name, steps)
+                samples[kind].append((cpu, wall))
+                step_s[kind] += intervals
         med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in samples.items()}
         rep = med["replay"]
         out[model_name] = {
@@ -403,6 +427,9 @@ def cost_part(args: argparse.Namespace) -> dict[str, Any]:
             "all_cpu_s": {k: [c for c, _ in v] for k, v in samples.items()},
             # each repetition's own ratio (the kinds of one repetition ran back to back): the spread
             "paired_ratio_cpu": {k: [c / r for (c, _), (r, _) in zip(v, samples["replay"])] for k, v in samples.items()},
+            # the median step (wall), every step of every repetition: robust to bursts of load
+            "median_step_s": {k: statistics.median(v) for k, v in step_s.items()},
+            "median_step_ratio": {k: statistics.median(v) / statistics.median(step_s["replay"]) for k, v in step_s.items()},
         }
         log(f"  cost {model_name} done", args.quiet)
     return out
@@ -416,6 +443,9 @@ def print_cost_table(out: dict[str, Any]) -> list[str]:
         cells = [f"{1000 * r['cpu_s'][k] / r['steps']:7.1f} ms {r['over_replay_cpu'][k]:4.2f}x ({r['over_replay_wall'][k]:4.2f})"
                  for k in COST_KINDS[1:]]
         lines.append(f"{name:42s} | {1000 * r['cpu_s']['replay'] / r['steps']:9.1f} | " + " | ".join(f"{c:>22s}" for c in cells))
+        steps_ms = ", ".join(f"{k} {1000 * r['median_step_s'][k]:.2f} ms ({r['median_step_ratio'][k]:.2f}x)"
+                             for k in COST_KINDS)
+        lines.append(f"{'':42s}   median step: {steps_ms}")
         spread = r["paired_ratio_cpu"]["mixing, auto"]
         lines.append(f"{'':42s}   auto / replay within one repetition: {min(spread):.2f}x - {max(spread):.2f}x "
                      f"over {len(spread)} repetitions")

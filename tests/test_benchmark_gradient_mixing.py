@@ -41,3 +41,9 @@ def test_cost_models_can_be_chosen_on_the_command_line(monkeypatch, tmp_path) ->
     monkeypatch.setattr(bench, "print_cost_table", lambda out: [])
     bench.main(["--parts", "cost", "--cost-models", "mlp", "--quiet", "--out", str(tmp_path / "c.json")])
     assert seen == [[next(iter(bench.COST_MODELS))]]
+
+
+def test_time_training_reports_every_step_after_the_first() -> None:
+    cpu, wall, steps = bench.time_training("mixing, auto", next(iter(bench.COST_MODELS)), 4)
+    assert cpu > 0 and wall > 0 and len(steps) == 3 and all(s > 0 for s in steps)  # 4 steps: 3 intervals
+    assert sum(steps) < wall
