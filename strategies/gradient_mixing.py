@@ -115,6 +115,7 @@ class GradientMixingPlugin(Plugin):
         #: ``tau`` of the logit-adjusted cross-entropy both losses take (0: the loop's criterion as it is).
         self.logit_adjustment = float(logit_adjustment)
         self._label_counts: torch.Tensor | None = None  # labels of this experience's joint minibatches
+        self._adjusted: LogitAdjustedCrossEntropy | None = None  # this step's criterion with that prior
         #: Each history image is translated by up to this many pixels, its own random shift every time it
         #: is replayed (0: replayed as stored); the draws come from the run's seed.
         self.history_shift = int(history_shift)
@@ -257,8 +258,10 @@ class GradientMixingPlugin(Plugin):
             strategy.mbatch = self._transfer_batch
         if self.ace:  # the loop's criterion() gives ER-ACE's transfer loss until before_backward
             self._saved_criterion, strategy._criterion = strategy._criterion, AsymmetricCrossEntropy()
-        elif self.logit_adjustment > 0:  # ... or the logit-adjusted one
-            self._saved_criterion, strategy._criterion = strategy._criterion, self._adjusted_criterion(strategy.mb_output)
+        elif self.logit_adjustment > 0:  # ... or the logit-adjusted one, whose prior the history loss shares
+            self._adjusted = LogitAdjustedCrossEntropy(
+                class_log_prior(self._label_counts, strategy.mb_output.shape[1]), self.logit_adjustment)
+            self._saved_criterion, strategy._criterion = strategy._criterion, self._adjusted
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self._saved_criterion is not None:
@@ -412,8 +415,8 @@ class GradientMixingPlugin(Plugin):
             strategy.mbatch = batch
             with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
                 strategy.mb_output = strategy.forward() if output is None else output
-                if self.logit_adjustment > 0:
-                    strategy._criterion = self._adjusted_criterion(strategy.mb_output)
+                if self.logit_adjustment > 0:  # the step's prior, made in after_forward
+                    strategy._criterion = self._adjusted
                 loss = _scalar(strategy.criterion())
                 if self.logits is not None:
                     loss = loss + self.logit_weight * logit_replay_loss(strategy.mb_output, self._stored_logits)
@@ -438,18 +441,11 @@ class GradientMixingPlugin(Plugin):
         for y in labels:
             check(isinstance(y, torch.Tensor) and y.dim() == 1 and not y.is_floating_point(), "logit_adjustment",
                   "needs class-index labels (a 1-d integer tensor per minibatch)")
-            counts = torch.bincount(y)
             old = self._label_counts
+            counts = torch.bincount(y, minlength=0 if old is None else len(old))  # at least as long as old
             if old is not None:
-                if len(old) > len(counts):
-                    old, counts = counts, old
-                counts = counts.clone()
                 counts[: len(old)] += old
             self._label_counts = counts
-
-    def _adjusted_criterion(self, output: torch.Tensor) -> LogitAdjustedCrossEntropy:
-        assert self._label_counts is not None
-        return LogitAdjustedCrossEntropy(class_log_prior(self._label_counts, output.shape[1]), self.logit_adjustment)
 
     def _buffers(self, strategy: Any) -> GradientBuffers:
         """Trainable parameters and their flat buffers, listed once per epoch (walking the modules every

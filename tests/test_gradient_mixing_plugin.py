@@ -586,16 +586,26 @@ def test_logit_adjustment_needs_class_index_labels() -> None:
 
 
 class HistorySeen(Plugin):
-    """The loop's stored history batch and the one gradient mixing replayed, each step."""
+    """Per mixing step: the history images as the loop drew them (None in a loop without a library, such as
+    Avalanche's), the ones gradient mixing replayed, and what the library held."""
 
     def __init__(self, mixing: GradientMixingPlugin) -> None:
         super().__init__()
-        self.mixing, self.pairs, self.library = mixing, [], []
+        self.mixing, self.steps = mixing, []
 
     def before_update(self, strategy: Any, **kwargs: Any) -> None:
-        if strategy.mb_history is not None:
-            self.pairs.append((strategy.mb_history[0].clone(), self.mixing.last_history_batch[0].clone()))
-            self.library.append(strategy.history.samples.x.clone())
+        replayed = self.mixing.last_history_batch
+        if replayed is not None:
+            drawn = getattr(strategy, "mb_history", None)
+            self.steps.append((None if drawn is None else drawn[0].clone(), replayed[0].clone(),
+                               self.mixing._library(strategy).samples.x.clone()))
+
+
+def one_pixel_shifts(images: torch.Tensor) -> list[torch.Tensor]:
+    """The nine shifts of every image by at most one pixel (the identity among them)."""
+    from incremental.transforms import shift_images
+
+    return [shift_images(images, torch.tensor([[i], [j]]).expand(2, len(images)), 1) for i in range(3) for j in range(3)]
 
 
 def image_experiences(seed: int = 0) -> list[Any]:
@@ -623,26 +633,24 @@ def train_with_shift(seed: int, shift: int = 1) -> tuple[Trainer, HistorySeen]:
 
 
 def test_history_shift_replays_each_stored_image_shifted_and_leaves_the_library_alone() -> None:
-    from incremental.transforms import shift_images
-
     trainer, seen = train_with_shift(seed=0)
-    assert len(seen.pairs) >= 6
+    assert len(seen.steps) >= 6
     moved = 0
-    for original, replayed in seen.pairs:
-        for x, y in zip(original, replayed):  # some shift within one pixel of the image as stored
-            shifts = [shift_images(x[None], torch.tensor([[i], [j]]), 1)[0] for i in range(3) for j in range(3)]
-            assert any(torch.equal(y, s) for s in shifts)
+    for drawn, replayed, _ in seen.steps:
+        shifts = one_pixel_shifts(drawn)
+        for n, (x, y) in enumerate(zip(drawn, replayed)):  # some shift within one pixel of the image as stored
+            assert any(torch.equal(y, s[n]) for s in shifts)
             moved += not torch.equal(x, y)
-    assert moved > len(seen.pairs)  # most replays moved (1 in 9 is the identity)
+    assert moved > len(seen.steps)  # most replays moved (1 in 9 is the identity)
     # the same seed replays the same shifts; the plugin's generator survives a checkpoint
     _, again = train_with_shift(seed=0)
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(seen.pairs, again.pairs))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(seen.steps, again.steps))
     plugin = trainer.plugins[0]
     state = plugin.state_dict()
     other = GradientMixingPlugin(history_shift=1)
     other.load_state_dict(state)
     assert torch.equal(other._shift_generator.get_state(), plugin._shift_generator.get_state())
-    assert all(torch.equal(x, seen.library[0]) for x in seen.library)  # the stored images never moved
+    assert all(torch.equal(library, seen.steps[0][2]) for _, _, library in seen.steps)  # the stored images never moved
 
 
 def test_history_shift_needs_image_batches(digits) -> None:
@@ -659,44 +667,33 @@ def test_history_shift_inside_avalanche_naive_replays_its_own_library_shifted() 
     from avalanche.training import Naive
     from avalanche.training.plugins import EvaluationPlugin
 
-    from incremental.transforms import shift_images
-
     ours = split_digits(5, seed=0)
     x = torch.cat([e.dataset.x for e in ours.train_stream[:2]]).view(-1, 1, 8, 8)
     y = torch.cat([e.dataset.y for e in ours.train_stream[:2]])
     bench = class_incremental_benchmark({"train": tensor_dataset(x, y), "test": tensor_dataset(x, y)},
                                         class_order=ours.class_order[:4], num_classes_per_exp=[2, 2])
 
-    class Replayed(Plugin):
-        def __init__(self, mixing: GradientMixingPlugin) -> None:
-            super().__init__()
-            self.mixing, self.batches, self.stored = mixing, [], None
-
-        def before_update(self, strategy: Any, **kwargs: Any) -> None:
-            if self.mixing.last_history_batch is not None:
-                self.batches.append(self.mixing.last_history_batch[0].clone())
-                self.stored = self.mixing.library.samples.x.clone()  # what the library held while replaying
-
-    def run() -> tuple[Replayed, list[torch.Tensor]]:
+    def run() -> list[torch.Tensor]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
             model = MLP(64, 32, 4)
             plugin = GradientMixingPlugin(mem_size=30, history_shift=1)
-            seen = Replayed(plugin)
+            seen = HistorySeen(plugin)
             naive = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
                           criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1,
                           plugins=[plugin, seen], evaluator=EvaluationPlugin(loggers=[]))
             for exp in bench.train_stream:
                 naive.train(exp)
-        return seen, seen.batches
+        assert all(drawn is None for drawn, _, _ in seen.steps)  # Avalanche's loop draws no history
+        return [(replayed, library) for _, replayed, library in seen.steps]
 
-    seen, batches = run()
-    stored = seen.stored
+    steps = run()
+    batches, stored = [b for b, _ in steps], steps[-1][1]  # the library held the first experience's samples
     assert len(batches) >= 5 and all(b.shape[1:] == (1, 8, 8) for b in batches)
-    shifts = [shift_images(stored, torch.tensor([[k // 3], [k % 3]]).expand(2, len(stored)), 1) for k in range(9)]
-    candidates = {tuple(s[i].flatten().tolist()) for s in shifts for i in range(len(stored))}
+    assert all(torch.equal(library, stored) for _, library in steps)
+    candidates = {tuple(s[i].flatten().tolist()) for s in one_pixel_shifts(stored) for i in range(len(stored))}
     assert all(tuple(img.flatten().tolist()) in candidates for b in batches for img in b)  # stored images, shifted
     assert any(not any(torch.equal(img, s) for s in stored) for b in batches for img in b)  # and some moved
-    _, again = run()  # the generator comes from the experiment's torch seed: same seed, same shifts
-    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    again = run()  # the generator comes from the experiment's torch seed: same seed, same shifts
+    assert all(torch.equal(a, b) for a, (b, _) in zip(batches, again))
