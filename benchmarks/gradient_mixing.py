@@ -470,7 +470,10 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
     """
     import torch.nn.functional as F
 
-    from incremental.linear_gradients import LinearCapture, group_gram, output_gradients, views_by_param
+    from incremental.linear_gradients import (
+        LinearCapture, group_gram, output_gradients, views_by_param, weighted_gradients_into,
+    )
+    from strategies.mixing_rules import Geometry, weights_similarity
 
     build, shape = COST_MODELS[next(iter(COST_MODELS))]
     torch.manual_seed(0)
@@ -512,11 +515,10 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
         t.append(time.perf_counter())
         (sq_h, dot), (_, sq_t) = group_gram(capture.records, dz, BATCH).tolist()
         t.append(time.perf_counter())
-        w_h = 1.0 + max(0.0, -dot) / max(sq_h, 1e-12)  # any weight: the work does not depend on it
-        for r, g in zip(capture.records, dz):
-            g[BATCH:].mul_(w_h)
-            torch.mm(g.T, r.x, out=views[id(r.module.weight)])
-            torch.sum(g, dim=0, out=views[id(r.module.bias)])
+        w_h, w_t = weights_similarity(Geometry(dot, sq_h, sq_t))  # as the plugin's ghost step does
+        weights = torch.full((2 * BATCH,), w_h)
+        weights[:BATCH] = w_t
+        weighted_gradients_into(views, capture.records, dz, weights)
         for p, v in zip(params, out_bufs):
             p.grad = v
         capture.records = []
