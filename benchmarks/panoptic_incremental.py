@@ -48,7 +48,8 @@ METHODS = list(VARIANTS)
 # Query groups (incremental/panoptic/prompts.py): the settings of configs/panoptic_shapes_*_query_groups.yaml
 # (tests/test_panoptic_prompts.py checks they agree); not among the default methods.
 VARIANTS["query_groups"] = ("finetune", ["model.prompt_queries=8", "model.prompt_own_layers=true",
-                                         "model.prompt_own_pixel_decoder=true", "model.prompt_claim_yield=0.6",
+                                         "model.prompt_own_pixel_decoder=true", "model.prompt_own_backbone=3",
+                                         "model.prompt_claim_yield=0.6",
                                          "train.step_epochs=120"])
 LABELS = {"finetune": "fine-tuning", "pseudo_labels": "pseudo labels", "distillation": "distillation",
           "pseudo_distill": "pseudo labels + distillation", "joint": "joint (upper bound)",

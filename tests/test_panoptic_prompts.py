@@ -12,7 +12,7 @@ import torch
 from incremental.cli import main
 from incremental.package import load_model, save_model
 from incremental.panoptic.model import PanopticMask2Former, build_panoptic_model
-from incremental.panoptic.prompts import FILL, PromptedMask2Former, full_width_logits, newer_claims
+from incremental.panoptic.prompts import FILL, PromptedMask2Former, full_width_logits, group_features, newer_claims
 from incremental.panoptic.training import make_optimizer
 from tests.test_panoptic_runner import run_cli, write_config
 
@@ -86,7 +86,27 @@ def grown(n_groups: int = 1) -> PromptedMask2Former:
     return model
 
 
-@pytest.mark.parametrize("own", [{}, {"prompt_own_layers": True, "prompt_own_pixel_decoder": True}])
+def test_group_features_recompute_the_last_levels_from_the_frozen_one_before():
+    feats = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([3.0]), torch.tensor([4.0])]
+    assert group_features(feats, torch.nn.ModuleList()) is feats
+
+    class Times(torch.nn.Module):
+        def __init__(self, k: float) -> None:
+            super().__init__()
+            self.k = k
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.k
+
+    # two own stages: level 2 = 10 x frozen level 1 (2 -> 20), level 3 = 100 x the new level 2 (-> 2000)
+    out = group_features(feats, torch.nn.ModuleList([Times(10.0), Times(100.0)]))
+    assert [float(f) for f in out] == [1.0, 2.0, 20.0, 2000.0]
+    assert out[0] is feats[0] and out[1] is feats[1]
+
+
+@pytest.mark.parametrize("own", [{}, {"prompt_own_layers": True, "prompt_own_pixel_decoder": True},
+                                 {"prompt_own_pixel_decoder": True, "prompt_own_backbone": 2},
+                                 {"prompt_own_backbone": 1}])
 def test_deployed_queries_answer_as_before_and_only_the_new_group_trains(own):
     torch.manual_seed(0)
     model = build_panoptic_model(n_classes=3, prompt_queries=2, **TINY, **own)
@@ -112,9 +132,22 @@ def test_deployed_queries_answer_as_before_and_only_the_new_group_trains(own):
     (out["pred_logits"][..., 3:].sum() + out["pred_masks"].sum()).backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
     assert model.groups[0].prompts.grad is not None and model.groups[0].query_feat.grad is not None
-    copies = {n.split(".")[2] for n in trainable if n.split(".")[2] in ("layers", "pixel_decoder")}
-    assert copies == ({"layers", "pixel_decoder"} if own else set())
-    assert model.arch_kwargs()["prompt_own_pixel_decoder"] == bool(own)
+    copies = {n.split(".")[2] for n in trainable if n.split(".")[2] in ("layers", "pixel_decoder", "backbone_stages")}
+    expected = {"layers": "prompt_own_layers", "pixel_decoder": "prompt_own_pixel_decoder",
+                "backbone_stages": "prompt_own_backbone"}
+    assert copies == {part for part, option in expected.items() if own.get(option)}
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable and "backbone_stages" in n)
+    # own_backbone = k copies the deepest k stages (stage3, then stage2, ...)
+    stages = model.groups[0].backbone_stages
+    assert len(stages) == own.get("prompt_own_backbone", 0)
+    deepest = [model.backbone.stage1, model.backbone.stage2, model.backbone.stage3][3 - len(stages):]
+    for copy_, original in zip(stages, deepest):
+        assert all(torch.equal(a, b) for a, b in zip(copy_.state_dict().values(), original.state_dict().values()))
+    kwargs = model.arch_kwargs()
+    assert kwargs["prompt_own_pixel_decoder"] == bool(own.get("prompt_own_pixel_decoder"))
+    assert kwargs["prompt_own_backbone"] == own.get("prompt_own_backbone", 0)
+    rebuilt = build_panoptic_model(**kwargs)
+    rebuilt.load_state_dict(model.state_dict())  # the same modules, so a package restores it
 
 
 def test_a_second_group_freezes_the_first_and_rebuilds_from_its_arch_kwargs():
@@ -160,6 +193,8 @@ def test_the_model_applies_the_yield_rule_to_its_thing_classes():
     assert torch.equal(model(images)["pred_logits"], torch.cat(newer_claims([dep, grp], [mdep, mgrp], 0.5, 0.7), 1))
     with pytest.raises(ValueError, match="prompt_claim_yield"):
         build_panoptic_model(n_classes=3, prompt_queries=2, prompt_claim_yield=2.0, **TINY)
+    with pytest.raises(ValueError, match="prompt_own_backbone must be 0-3"):
+        build_panoptic_model(n_classes=3, prompt_queries=2, prompt_own_backbone=4, **TINY)
 
 
 def test_the_optimizer_holds_the_group_with_its_head_at_the_head_rate():

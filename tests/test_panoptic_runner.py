@@ -91,6 +91,7 @@ def test_extension_options_reach_the_plugin(tiny_config, tmp_path):
     ("scenario.train_images=[8]", "scenario.train_images: needs one count per step"),
     ("strategy.pseudo.iou_threshold=2", "strategy.pseudo.iou_threshold: must be in [0, 1]"),
     ("strategy.name=magic", "strategy.name: must be one of"),
+    ("model.prompt_own_backbone=4", "model.prompt_own_backbone: must be 0-3"),
     ("strategy.lamda=1", "strategy.lamda: unknown key"),
 ])
 def test_bad_config_values_are_one_line_errors(tiny_config, tmp_path, capsys, override, message):

@@ -10,10 +10,13 @@ merge the outputs of all prompt sets. Here a step's *query group* is:
   that layer (zero at the start);
 - a class head over the step's classes + "no object" (its no-object row starts as the deployed one)
   and a mask-embedding MLP (a copy of the deployed one);
-- optionally trainable copies of the decoder layers (``own_layers``) and of the pixel decoder
-  (``own_pixel_decoder``): ECLIPSE's frozen backbone was pretrained on ImageNet and 100 ADE20K
-  classes, ours on three shapes, and prompts alone on its features did not learn the new shapes
-  (docs/panoptic.md, "Query groups").
+- optionally trainable copies of the decoder layers (``own_layers``), of the pixel decoder
+  (``own_pixel_decoder``) and of the backbone's last k stages (``own_backbone``, fed by the frozen
+  stage before them): ECLIPSE's frozen backbone was pretrained on ImageNet and 100 ADE20K classes,
+  ours on three shapes, and prompts alone on its features did not learn the new shapes; with the
+  three stages after the stem the group has a feature extractor of its own, the expansion of DER
+  (Yan et al., CVPR 2021: a new extractor per step, the old ones frozen), and learns the new classes
+  nearly as well as joint training does (docs/panoptic.md, "Query groups").
 
 The deployed queries run the deployed decoder exactly as before (same operations, same numbers); a
 group's queries attend in self-attention to the deployed queries entering each layer, never the other
@@ -44,11 +47,28 @@ from .model import PanopticMask2Former, stage_outputs
 FILL = -1e4
 
 
+#: The backbone's stages after the stem, shallow to deep (``prompt_own_backbone`` copies the last k).
+BACKBONE_STAGES: tuple[str, ...] = ("stage1", "stage2", "stage3")
+
+
+def group_features(feats: list[torch.Tensor], stages: nn.ModuleList) -> list[torch.Tensor]:
+    """The backbone features a query group sees: the frozen ones, with the last ``len(stages)`` levels
+    recomputed by the group's own copies of those stages from the frozen level before them."""
+    if not len(stages):
+        return feats
+    first = len(feats) - len(stages)
+    out, x = list(feats[:first]), feats[first - 1]
+    for stage in stages:
+        x = stage(x)
+        out.append(x)
+    return out
+
+
 class QueryGroup(nn.Module):
     """One update step's queries, deep prompts, class head and mask embedding (see the module doc)."""
 
     def __init__(self, model: PanopticMask2Former, n_queries: int, n_classes: int, first_class: int,
-                 own_layers: bool = False, own_pixel_decoder: bool = False) -> None:
+                 own_layers: bool = False, own_pixel_decoder: bool = False, own_backbone: int = 0) -> None:
         super().__init__()
         dim = model.query_feat.weight.shape[1]
         take = torch.arange(n_queries) % model.query_feat.weight.shape[0]
@@ -66,6 +86,10 @@ class QueryGroup(nn.Module):
         self.layers = copy.deepcopy(model.layers) if own_layers else None
         # own_pixel_decoder: a trainable copy of the pixel decoder (mask features and memories of its own)
         self.pixel_decoder = copy.deepcopy(model.pixel_decoder) if own_pixel_decoder else None
+        # own_backbone = k: trainable copies of the backbone's last k stages, fed by the frozen stage before
+        # them, so the group's deepest features can learn what separates its classes from the old ones
+        names = BACKBONE_STAGES[len(BACKBONE_STAGES) - own_backbone:] if own_backbone else []
+        self.backbone_stages = nn.ModuleList(copy.deepcopy(getattr(model.backbone, n)) for n in names)
 
     @property
     def n_queries(self) -> int:
@@ -150,7 +174,7 @@ class PromptedMask2Former(PanopticMask2Former):
     """
 
     def __init__(self, n_classes: int, *, prompt_queries: int = 8, prompt_groups: list[int] | tuple[int, ...] = (),
-                 prompt_own_layers: bool = False, prompt_own_pixel_decoder: bool = False,
+                 prompt_own_layers: bool = False, prompt_own_pixel_decoder: bool = False, prompt_own_backbone: int = 0,
                  prompt_claim_cover: float = 0.7, prompt_claim_yield: float | None = None,
                  prompt_thing_classes: list[int] | tuple[int, ...] | None = None, **kwargs: Any) -> None:
         if prompt_queries < 1:
@@ -170,6 +194,9 @@ class PromptedMask2Former(PanopticMask2Former):
         self.prompt_queries = int(prompt_queries)
         self.prompt_own_layers = bool(prompt_own_layers)
         self.prompt_own_pixel_decoder = bool(prompt_own_pixel_decoder)
+        if not 0 <= int(prompt_own_backbone) <= len(BACKBONE_STAGES):
+            raise ValueError(f"prompt_own_backbone must be 0-{len(BACKBONE_STAGES)} stages, got {prompt_own_backbone}")
+        self.prompt_own_backbone = int(prompt_own_backbone)
         # inference: confident later queries claim the objects older queries mislabel (newer_claims)
         self.claims, self.claim_threshold, self.claim_measure = True, 0.5, "ioa"
         # ... or yield to the older objects they overlap without claiming them; only thing classes count
@@ -188,14 +215,15 @@ class PromptedMask2Former(PanopticMask2Former):
     def arch_kwargs(self) -> dict[str, Any]:
         return {**self.config, "n_classes": self.n_classes, "prompt_queries": self.prompt_queries,
                 "prompt_groups": [g.n_classes for g in self.groups], "prompt_own_layers": self.prompt_own_layers,
-                "prompt_own_pixel_decoder": self.prompt_own_pixel_decoder, "prompt_claim_cover": self.claim_cover,
+                "prompt_own_pixel_decoder": self.prompt_own_pixel_decoder, "prompt_own_backbone": self.prompt_own_backbone,
+                "prompt_claim_cover": self.claim_cover,
                 "prompt_claim_yield": self.claim_yield, "prompt_thing_classes": self.thing_classes}
 
     def _add_group(self, n_new: int) -> None:
         for p in self.parameters():
             p.requires_grad_(False)
         group = QueryGroup(self, self.prompt_queries, n_new, self.n_classes, self.prompt_own_layers,
-                           self.prompt_own_pixel_decoder)
+                           self.prompt_own_pixel_decoder, self.prompt_own_backbone)
         self.groups.append(group.requires_grad_(True))  # its mask embedding copies frozen weights
 
     def grow_to(self, n_classes: int) -> bool:
@@ -218,7 +246,10 @@ class PromptedMask2Former(PanopticMask2Former):
                                            mask_features, mems, poss, sizes)
 
         def group_stages(g: QueryGroup) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            mask_features, mems, poss, sizes = encoded if g.pixel_decoder is None else self.memories(feats, g.pixel_decoder)
+            if g.pixel_decoder is None and not len(g.backbone_stages):
+                mask_features, mems, poss, sizes = encoded
+            else:
+                mask_features, mems, poss, sizes = self.memories(group_features(feats, g.backbone_stages), g.pixel_decoder)
             outputs, _ = self.decode(g.query_feat[None].expand(b, -1, -1), g.query_pos[None].expand(b, -1, -1),
                                      mask_features, mems, poss, sizes, layers=g.layers, class_head=g.class_head,
                                      mask_embed=g.mask_embed, prompts=g.prompts, context=(states, qpos))

@@ -103,6 +103,7 @@ class ModelConfig:
     prompt_queries: int = 0
     prompt_own_layers: bool = False  # each query group with a trainable copy of the decoder layers
     prompt_own_pixel_decoder: bool = False  # ... and of the pixel decoder
+    prompt_own_backbone: int = 0  # ... and of the backbone's last k stages (0-3)
     prompt_claim_cover: float = 0.7  # inference: how much of an old query's mask a confident newer one must cover
     # inference: a confident newer query overlapping an older thing query it does not claim by more than this
     # fraction of its own mask yields to it (None: never)
@@ -118,6 +119,8 @@ class ModelConfig:
         check(self.mask_stride in (2, 4), "model.mask_stride", f"must be 2 or 4, got {self.mask_stride}")
         check(0.0 < self.no_object_weight <= 1.0, "model.no_object_weight", f"must be in (0, 1], got {self.no_object_weight}")
         check(self.prompt_queries >= 0, "model.prompt_queries", f"must be >= 0, got {self.prompt_queries}")
+        check(0 <= self.prompt_own_backbone <= 3, "model.prompt_own_backbone",
+              f"must be 0-3 (the backbone's last k stages), got {self.prompt_own_backbone}")
         check(0.0 <= self.prompt_claim_cover <= 1.0, "model.prompt_claim_cover",
               f"must be in [0, 1], got {self.prompt_claim_cover}")
         check(self.prompt_claim_yield is None or 0.0 <= self.prompt_claim_yield <= 1.0, "model.prompt_claim_yield",
@@ -129,6 +132,7 @@ class ModelConfig:
                     backbone_channels=list(self.backbone_channels), mask_stride=self.mask_stride,
                     **({"prompt_queries": self.prompt_queries, "prompt_own_layers": self.prompt_own_layers,
                         "prompt_own_pixel_decoder": self.prompt_own_pixel_decoder,
+                        "prompt_own_backbone": self.prompt_own_backbone,
                         "prompt_claim_cover": self.prompt_claim_cover,
                         "prompt_claim_yield": self.prompt_claim_yield} if self.prompt_queries else {}))
 
