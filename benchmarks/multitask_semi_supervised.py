@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 from incremental.io import write_json  # noqa: E402
 from incremental.multitask.tasks import TaskSpec, label_present, per_sample_loss  # noqa: E402
 from incremental.plugins import Plugin  # noqa: E402
-from incremental.runners.multitask import Config, MultiTaskRun, prepare_data, raw_data  # noqa: E402
+from incremental.runners.multitask import MultiTaskRun, prepare_data, raw_data  # noqa: E402
+from multitask_weighting import HIGHER, base_config  # noqa: E402  (the weighting benchmark's data and budget)
 
 VARIANTS = ("masked", "teacher_fill", "teacher_fill_cls95", "consistency")
 
@@ -154,8 +155,7 @@ def make_plugin(variant: str, tasks: list[TaskSpec]) -> Plugin | None:
 
 
 def run(seed: int, missing: float, variant: str, args: argparse.Namespace) -> dict[str, float]:
-    cfg = Config(seed=seed)
-    cfg.scenario.n_train, cfg.scenario.n_test, cfg.train.epochs, cfg.train.threads = args.n_train, args.n_test, args.epochs, 1
+    cfg = base_config(args, seed)
     cfg.scenario.missing_fraction = missing
     data = prepare_data(cfg, *raw_data(cfg))
     runner = MultiTaskRun(cfg, data=data)
@@ -177,9 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multitask_semi_supervised.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from incremental.multitask.synthfaces import SYNTHFACES_TASKS
-
-    higher = {t.name: t.higher_is_better for t in SYNTHFACES_TASKS}
     runs: dict[str, list[dict[str, float]]] = {}
     start = time.process_time()
     for seed in args.seeds:
@@ -189,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed} {variant:<20} " + " ".join(f"{k[:5]}={v:.3f}" for k, v in headline.items()), flush=True)
     means = {v: {t: sum(h[t] for h in hs) / len(hs) for t in hs[0]} for v, hs in runs.items()}
     full = means["all labels"]
-    ratios = {v: {t: (m[t] / full[t] if higher[t] else full[t] / m[t]) for t in m} for v, m in means.items() if v != "all labels"}
+    ratios = {v: {t: (m[t] / full[t] if HIGHER[t] else full[t] / m[t]) for t in m} for v, m in means.items() if v != "all labels"}
     print(f"\nratio to all labels (seed means, 1 = as good), {args.missing:.0%} of each task's labels missing:")
     for variant, r in ratios.items():
         print(f"  {variant:<20} " + " ".join(f"{t[:5]} {x:.2f}" for t, x in r.items())

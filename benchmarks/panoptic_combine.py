@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from incremental.io import write_json  # noqa: E402
+from panoptic_incremental import mean_std  # noqa: E402  (the benchmark's own mean ± population std)
 
 
 def collect(paths: list[Path], method: str) -> dict[tuple[str, int], dict[str, Any]]:
@@ -32,16 +32,20 @@ def collect(paths: list[Path], method: str) -> dict[tuple[str, int], dict[str, A
     first file that holds a method's run of a seed wins, so list the newest first)."""
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for path in paths:
-        data = json.loads(path.read_text())
-        for scenario, entry in data.get("scenarios", {}).items():
-            for run in entry.get("seeds", []):
-                row = rows.setdefault((scenario, int(run["seed"])), {"before": {}, "files": {}})
-                row["before"][str(path)] = run["before_update"]["pq_all"]
-                for name, key in ((method, "method"), ("joint", "joint")):
-                    if name in run["methods"] and key not in row:
-                        m = run["methods"][name]
-                        row[key] = {"pq_all": m["pq_all"][-1], "pq_base": m["pq_base"][-1]}
-                        row["files"][key] = str(path)
+        try:
+            data = json.loads(path.read_text())
+            for scenario, entry in data.get("scenarios", {}).items():
+                for run in entry.get("seeds", []):
+                    row = rows.setdefault((scenario, int(run["seed"])), {"before": {}, "files": {}})
+                    row["before"][str(path)] = run["before_update"]["pq_all"]
+                    for name, key in ((method, "method"), ("joint", "joint")):
+                        if name in run["methods"] and key not in row:
+                            m = run["methods"][name]
+                            row[key] = {"pq_all": m["pq_all"][-1], "pq_base": m["pq_base"][-1]}
+                            row["files"][key] = str(path)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"{path}: not a result file of benchmarks/panoptic_incremental.py "
+                             f"({type(exc).__name__}: {exc})") from None
     return rows
 
 
@@ -62,8 +66,7 @@ def summarise(rows: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
     for entry in out.values():
         for key in ("kept", "of_joint", "pq_all"):
             values = [s[key] for s in entry["seeds"].values()]
-            entry[key] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "n": len(values),
-                          "min": min(values)} if values else None
+            entry[key] = {**mean_std(values), "min": min(values)} if values else None
     return out
 
 
@@ -76,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in args.files if not p.is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
-    summary = summarise(collect(args.files, args.method))
+    try:
+        summary = summarise(collect(args.files, args.method))
+    except ValueError as exc:
+        parser.error(str(exc))
     for scenario, entry in summary.items():
         print(f"{scenario}: {args.method}")
         for seed, s in entry["seeds"].items():

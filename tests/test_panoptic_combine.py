@@ -47,3 +47,12 @@ def test_a_missing_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nope.json")])
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_result_is_one_line_naming_it(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"scenarios": {"3-2": {"seeds": [{"seed": 0}]}}}')  # no before_update
+    with pytest.raises(SystemExit):
+        main([str(bad)])
+    err = capsys.readouterr().err
+    assert f"{bad}: not a result file" in err and "Traceback" not in err
