@@ -52,6 +52,7 @@ from incremental.buffer import HistoryLibrary  # noqa: E402
 from incremental.io import write_json  # noqa: E402
 from incremental.metrics import summarize  # noqa: E402
 from incremental.data import Experience, TensorSamples  # noqa: E402
+from incremental.grids.paired import t_interval  # noqa: E402
 from incremental.models import MLP, build_model  # noqa: E402
 from incremental.plugins import Plugin  # noqa: E402
 from incremental.scenarios.digits import split_digits  # noqa: E402
@@ -230,15 +231,31 @@ def fashion_rule(spec: str) -> str:
     return spec
 
 
+#: The reference every transfer row is paired with (its first row: it also trains the meta model).
+FINE_TUNE = "fine-tune (naive)"
+
+
+def shipped_mixing_options(scenario: str) -> dict[str, Any]:
+    """The numeric options the scenario's config gives its gradient-mixing plugin (``history_weight``,
+    ``logit_weight``, ...); the benchmark sets the memory itself (``--transfer-mem``)."""
+    plugins = transfer_config(scenario).get("strategy", {}).get("plugins", [])
+    entry = next((p for p in plugins if isinstance(p, dict) and p.get("name") == "gradient_mixing"), {})
+    return {k: v for k, v in entry.items() if k != "name" and isinstance(v, (int, float))}
+
+
 def transfer_plan(scenario: str, shots: int) -> list[tuple[str, dict[str, Any]]]:
     """(label, strategy section) in run order; the first one (fine-tuning) trains the meta model."""
     plan: list[tuple[str, dict[str, Any]]] = [
-        ("fine-tune (naive)", {"name": "naive"}),
+        (FINE_TUNE, {"name": "naive"}),
         ("replay", {"name": "replay"}),
         (f"gradient mixing: {DEFAULT_RULE} + {DEFAULT_POLICY} (default)", {"name": "gradient_mixing"}),
         ("gradient mixing: similarity + reservoir (before)",
          {"name": "gradient_mixing", "rule": "similarity", "storage_policy": "reservoir"}),
     ]
+    shipped = shipped_mixing_options(scenario)
+    if shipped:  # the scenario's config sets options of its own: its row beside the plugin's defaults
+        plan.append((f"gradient mixing: shipped config [{', '.join(f'{k}={v:g}' for k, v in shipped.items())}]",
+                     {"name": "gradient_mixing", **shipped}))
     if scenario == "fashion_transfer":
         for spec in FASHION_RULES:  # rule[:logit_weight]
             rule, _, weight = spec.partition(":")
@@ -304,16 +321,22 @@ def transfer_part(args: argparse.Namespace, scenario: str, shots_list: Sequence[
         for seed in args.seeds:
             for label, r in transfer_seed(scenario, seed, shots, args.transfer_mem, args.steps).items():
                 rows.setdefault(label, []).append(r)
-        out[str(shots)] = {label: _mean_rows(r) for label, r in rows.items()}
+        out[str(shots)] = {label: _mean_rows(r, rows[FINE_TUNE]) for label, r in rows.items()}
         log(f"  {scenario} shots {shots} done", args.quiet)
     return out
 
 
-def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _mean_rows(rows: list[dict[str, Any]], fine_tune: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seed means, and the transfer accuracy minus fine-tuning's seed by seed (the same meta model),
+    with its two-sided 95% t interval: the issue's "within 2 points of fine-tuning"."""
     keys = [k for k in rows[0] if k != "per_seed"]
     mean = {k: statistics.mean(r[k] for r in rows) for k in keys}
     mean["general_change_std"] = _std([r["general_after"] - r["general_before"] for r in rows])
     mean["transfer_after_std"] = _std([r["transfer_after"] for r in rows])
+    diffs = [r["transfer_after"] - f["transfer_after"] for r, f in zip(rows, fine_tune)]
+    interval = t_interval(diffs)
+    mean["transfer_minus_fine_tune"] = {"mean": statistics.mean(diffs), "std": _std(diffs),
+                                        "ci95": list(interval) if interval else None}
     mean["per_seed"] = rows
     return mean
 
@@ -321,13 +344,17 @@ def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def print_transfer_table(out: dict[str, Any], scenario: str, steps: int, mem: int) -> list[str]:
     lr = transfer_config(scenario)["train"]["lr"]
     lines = ["", f"{scenario}, memory {mem}, {steps} adaptation steps at lr {lr}; mean over seeds (points of accuracy)",
-             f"{'shots':>5s}  {'strategy':58s} | general before -> after (change) | transfer before -> after | adapt s"]
+             f"{'shots':>5s}  {'strategy':58s} | general before -> after (change) | transfer before -> after | "
+             f"transfer - fine-tuning, paired [95% t] | adapt s"]
     for shots, rows in out.items():
         for label, r in rows.items():
             change = 100 * (r["general_after"] - r["general_before"])
+            d = r["transfer_minus_fine_tune"]
+            ci = f"[{100 * d['ci95'][0]:+5.1f}, {100 * d['ci95'][1]:+5.1f}]" if d["ci95"] else ""
             lines.append(f"{shots:>5s}  {label:58s} | {100 * r['general_before']:5.1f} -> {100 * r['general_after']:5.1f}"
                          f" ({change:+5.1f} +- {100 * r['general_change_std']:3.1f}) | {100 * r['transfer_before']:5.1f} -> "
-                         f"{100 * r['transfer_after']:5.1f} +- {100 * r['transfer_after_std']:3.1f} | {r['adapt_time_s']:6.2f}")
+                         f"{100 * r['transfer_after']:5.1f} +- {100 * r['transfer_after_std']:3.1f} | "
+                         f"{100 * d['mean']:+5.1f} +- {100 * d['std']:3.1f} {ci:16s} | {r['adapt_time_s']:6.2f}")
     log("\n".join(lines), QUIET)
     return lines
 

@@ -16,6 +16,8 @@ initialisation) come with a t-based 95% confidence interval.
 
     .venv/bin/python benchmarks/multitask_weighting.py            # 5 seeds, ~50 CPU minutes on one core
     .venv/bin/python benchmarks/multitask_weighting.py --quick    # smoke run, about a minute
+    .venv/bin/python benchmarks/multitask_weighting.py --masked-budgets 8 16 32            # masked vs epochs
+    .venv/bin/python benchmarks/multitask_weighting.py --masked-sizes 1200 2400 4800 9600  # masked vs images
 """
 from __future__ import annotations
 
@@ -204,6 +206,33 @@ def masked_budget_sweep(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def masked_size_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`masked_budget_sweep` at each training-set size in ``--masked-sizes``: is the masked run's
+    shortfall a matter of how many labels there are (it should shrink as the images grow, as a learning
+    curve flattens) or of the masked loss itself (it would stay)? The test set stays the same size."""
+    out: dict[str, Any] = {"seeds": args.seeds, "missing": args.missing, "sizes": {}, "same_labels": {}}
+    for n_train in args.masked_sizes:
+        at_size = copy.copy(args)
+        at_size.n_train = n_train
+        if not args.quiet:
+            print(f"--- {n_train} training images", flush=True)
+        out["sizes"][str(n_train)] = masked_budget_sweep(at_size)
+    # the masked run on n images against all labels on the n (1 - missing) images that hold as many labels
+    # per task: >= 1 means the masked loss loses nothing beyond the labels that are missing
+    epochs = str(args.masked_budgets[0])
+    for n_train in args.masked_sizes:
+        fewer = round(n_train * (1 - args.missing))
+        if fewer in args.masked_sizes:
+            masked = out["sizes"][str(n_train)]["budgets"][epochs]["masked"]
+            full = out["sizes"][str(fewer)]["budgets"][epochs]["full"]
+            ratios = {t: masked[t] / full[t] if HIGHER[t] else full[t] / masked[t] for t in TASKS}
+            out["same_labels"][f"{n_train} masked vs {fewer} all labels"] = ratios
+            if not args.quiet:
+                print(f"{n_train} images, {args.missing:.0%} masked / {fewer} images, all labels: "
+                      + " ".join(f"{t[:5]} {ratios[t]:.2f}" for t in TASKS))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 seed, 3 epochs")
@@ -216,11 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--masked-budgets", type=int, nargs="+", default=None,
                         help="only the masked-label budget sweep: the default method with all and with --missing "
                              "labels at these numbers of epochs (writes multitask_masked_budget.json)")
+    parser.add_argument("--masked-sizes", type=int, nargs="+", default=None,
+                        help="instead of the benchmark: the masked-label sweep at these training-set sizes "
+                             "(epochs from --masked-budgets, default --epochs)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/multitask_weighting[_quick].json)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.n_train, args.n_test, args.epochs = args.seeds[:1], 160, 160, 3
+    if args.masked_sizes:
+        torch.set_num_threads(1)
+        args.masked_budgets = args.masked_budgets or [args.epochs]
+        out_path = Path(args.out or ROOT / "benchmarks" / "results" / "multitask_masked_sizes.json")
+        write_json(out_path, masked_size_sweep(args))
+        return 0
     if args.masked_budgets:
         torch.set_num_threads(1)
         out_path = Path(args.out or ROOT / "benchmarks" / "results" / "multitask_masked_budget.json")

@@ -10,6 +10,7 @@ statistics in :mod:`strategies.mixing_stats`; this file only adapts loop callbac
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import warnings
 from pathlib import Path
@@ -33,7 +34,7 @@ from incremental.transforms import random_shift
 from .logit_memory import LogitMemory
 from .mixing_rules import (
     DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, AsymmetricCrossEntropy, Geometry, LogitAdjustedCrossEntropy,
-    class_log_prior, combine, gram_matrix, logit_replay_loss, mix,
+    class_log_prior, combine, gram_matrix, logit_replay_loss, mix, with_history_weight,
 )
 from .mixing_stats import STAT_NAMES, plot_stats, summarize_stats
 
@@ -79,6 +80,10 @@ class GradientMixingPlugin(Plugin):
     ``logit_adjustment`` trains both losses on logits shifted by ``tau log pi``, ``pi`` the label
     frequencies of the experience's joint minibatches.
 
+    ``history_weight`` (``lam``, default 1) scales the history loss before the rule reads the geometry, so
+    the default rule steps with ``g_t + (lam + max(0, -g_h.g_t)/|g_h|^2) g_h``; where the two scenes share
+    one head a heavier history step helped both (docs/gradient_mixing.md, "Transfer").
+
     Under torchrun the plugin all-reduces ``[g_h, g_t, loss_h, loss_t]`` in one collective before mixing
     (``averages_gradients`` tells the loop not to use DDP). ``stats[experience]`` holds one dict per step
     (``similarity``, ``w_h``, ``w_t``, ``norm_h``, ``norm_t``, ``loss_h``, ``loss_t``, ``conflict``).
@@ -90,7 +95,8 @@ class GradientMixingPlugin(Plugin):
     def __init__(self, rule: str = DEFAULT_RULE, *, mem_size: int = 200,
                  storage_policy: str | StoragePolicy = DEFAULT_POLICY, history_batch_size: int | None = None,
                  seed: int | None = None, gradient_pass: str = "auto", logit_weight: float = 0.3,
-                 logit_adjustment: float = 0.0, history_shift: int = 0, record_stats: bool = True) -> None:
+                 logit_adjustment: float = 0.0, history_shift: int = 0, history_weight: float = 1.0,
+                 record_stats: bool = True) -> None:
         super().__init__()
         check(isinstance(rule, str) and rule in RULES, "rule",
               f"unknown gradient mixing rule {rule!r}; known: {', '.join(RULES)}")
@@ -108,7 +114,11 @@ class GradientMixingPlugin(Plugin):
               f"must be a number >= 0, got {logit_adjustment!r}")
         check(_is_int(history_shift) and history_shift >= 0, "history_shift",
               f"must be an integer >= 0 (pixels), got {history_shift!r}")
-        self.rule_name, self.rule = rule, RULES[rule]
+        check(isinstance(history_weight, numbers.Real) and math.isfinite(history_weight) and history_weight > 0,
+              "history_weight", f"must be a finite number > 0, got {history_weight!r}")
+        #: ``lam``: the rule mixes ``lam g_h`` with ``g_t`` (:func:`with_history_weight`; 1: the rule as stated).
+        self.history_weight = float(history_weight)
+        self.rule_name, self.rule = rule, with_history_weight(RULES[rule], self.history_weight)
         self.ace = TRANSFER_LOSSES[rule] == "ace"
         check(not (self.ace and logit_adjustment > 0), "logit_adjustment",
               f"the {rule} rule's asymmetric loss already leaves the other classes out; use one or the other")

@@ -174,6 +174,32 @@ HISTORY_LOSSES: dict[str, str] = {name: "der" if name.endswith(DER_SUFFIX) else 
 DEFAULT_RULE = "similarity_der"
 
 
+def with_history_weight(rule: WeightRule, history_weight: float) -> WeightRule:
+    """``rule`` applied to the history loss scaled by ``lam = history_weight``: to ``(lam g_h, g_t)``.
+
+    The rule sees the geometry of ``lam g_h`` (``dot`` times ``lam``, ``|g_h|^2`` times ``lam^2``) and
+    ``lam loss_h``; the returned ``w_h`` multiplies the unscaled ``g_h`` (``lam`` times the rule's weight).
+    For ``similarity`` this gives ``w_h = lam + max(0, -g_h.g_t) / |g_h|^2``: the history's own pull is
+    ``lam`` times stronger and the conflict term still removes the part of ``g_t`` that points against
+    ``g_h``, so ``g.g_h >= lam |g_h|^2`` as before. Why it exists: the relative weight of the two scenes is a
+    property of the scenario, not of the geometry; where both scenes share one head (digits_transfer)
+    a heavier history step measured better on both (docs/gradient_mixing.md, "Transfer").
+    ``history_weight`` 1 returns ``rule`` itself (bit for bit the unscaled rule).
+    """
+    if not (isinstance(history_weight, (int, float)) and math.isfinite(history_weight) and history_weight > 0):
+        raise ValueError(f"history_weight must be a finite number > 0, got {history_weight!r}")
+    if history_weight == 1:
+        return rule
+    lam = float(history_weight)
+
+    def scaled(geo: Geometry, loss_h: float = 0.0, loss_t: float = 0.0) -> tuple[float, float]:
+        w_h, w_t = rule(Geometry(lam * geo.dot, lam * lam * geo.sq_h, geo.sq_t), lam * loss_h, loss_t)
+        return lam * w_h, w_t
+
+    scaled.__name__ = f"{getattr(rule, '__name__', 'rule')}_history_weight_{lam:g}"
+    return scaled
+
+
 def get_rule(name: str) -> WeightRule:
     if name not in RULES:
         raise ValueError(f"unknown gradient mixing rule {name!r}; known: {', '.join(RULES)}")

@@ -47,3 +47,24 @@ def test_time_training_reports_every_step_after_the_first() -> None:
     cpu, wall, steps = bench.time_training("mixing, auto", next(iter(bench.COST_MODELS)), 4)
     assert cpu > 0 and wall > 0 and len(steps) == 3 and all(s > 0 for s in steps)  # 4 steps: 3 intervals
     assert sum(steps) < wall
+
+
+def test_transfer_plan_runs_the_shipped_config_beside_the_defaults() -> None:
+    # digits_transfer.yaml gives the plugin history_weight 3: its own row, after the plugin's defaults
+    plan = dict(bench.transfer_plan("digits_transfer", 5))
+    assert plan["gradient mixing: shipped config [history_weight=3]"] == {"name": "gradient_mixing", "history_weight": 3.0}
+    assert bench.shipped_mixing_options("fashion_transfer") == {}  # no options of its own: no extra row
+
+
+def test_transfer_rows_pair_each_seed_with_fine_tuning() -> None:
+    def row(transfer: float) -> dict:
+        return {"general_before": 0.9, "general_after": 0.9, "transfer_before": 0.1, "transfer_after": transfer,
+                "adapt_time_s": 1.0}
+
+    fine, mixed = [row(0.80), row(0.70), row(0.75)], [row(0.78), row(0.70), row(0.72)]
+    d = bench._mean_rows(mixed, fine)["transfer_minus_fine_tune"]
+    # differences -0.02, 0, -0.03: mean -0.01667, std 0.01528, t(0.975, 2) = 4.303
+    assert d["mean"] == pytest.approx(-0.05 / 3) and d["std"] == pytest.approx(0.015275, abs=1e-6)
+    half = 4.302653 * 0.0152753 / 3 ** 0.5
+    assert d["ci95"] == pytest.approx([-0.05 / 3 - half, -0.05 / 3 + half], abs=1e-6)
+    assert bench._mean_rows(fine, fine)["transfer_minus_fine_tune"]["mean"] == 0.0

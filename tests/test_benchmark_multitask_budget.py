@@ -33,3 +33,23 @@ def test_masked_budget_ratios(monkeypatch) -> None:
     assert at16["ratio_same_budget"]["smile"] == pytest.approx(0.76 / 0.70)
     assert at16["ratio_to_best_full"]["smile"] == pytest.approx(0.95) and at16["ratio_to_best_full"]["pose"] == pytest.approx(8 / 8.4)
     assert at8["tasks_at_95_same_budget"] == len(bench.TASKS) - 2  # smile 0.9 and pose 0.8 fall short
+
+
+def test_masked_size_sweep_compares_equal_label_counts(monkeypatch) -> None:
+    # pose error falls with the images (8 at 100, 6 at 200 with all labels); the masked run on 200 images
+    # (100 pose labels) scores 7.5: 0.8 of all labels on 200, 8 / 7.5 against all labels on 100 images
+    table = {(100, 0.0): 8.0, (100, 0.5): 10.0, (200, 0.0): 6.0, (200, 0.5): 7.5}
+
+    def run_one(cfg, raw, label, verbose):
+        pose = table[(cfg.scenario.n_train, cfg.scenario.missing_fraction)]
+        return {"headline": {t: pose if t == "pose" else 1.0 for t in bench.TASKS}}
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    monkeypatch.setattr(bench, "raw_data", lambda cfg: None)
+    args = argparse.Namespace(seeds=[0], n_train=10, n_test=10, epochs=8, missing=0.5, masked_budgets=[8],
+                              masked_sizes=[100, 200], quiet=True)
+    out = bench.masked_size_sweep(args)
+    assert out["sizes"]["200"]["budgets"]["8"]["ratio_same_budget"]["pose"] == pytest.approx(0.8)
+    assert out["sizes"]["100"]["budgets"]["8"]["ratio_same_budget"]["pose"] == pytest.approx(0.8)
+    assert out["same_labels"] == {"200 masked vs 100 all labels": {t: pytest.approx(8 / 7.5 if t == "pose" else 1.0)
+                                                                    for t in bench.TASKS}}

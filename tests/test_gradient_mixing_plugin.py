@@ -72,8 +72,11 @@ class Probe(Plugin):
         self.records.append((self._model, self._batch, history, grads))
 
 
-def independent_gradient(model: nn.Module, batch: list[torch.Tensor], history: Any, rule: str) -> torch.Tensor:
-    """What the optimizer should see: the rule applied to freshly computed g_h and g_t."""
+def independent_gradient(model: nn.Module, batch: list[torch.Tensor], history: Any, rule: str,
+                         history_weight: float = 1.0) -> torch.Tensor:
+    """What the optimizer should see: the rule applied to freshly computed g_h and g_t (with a
+    ``history_weight`` lam other than 1, only for the similarity rules: written out by hand,
+    ``g_t + (lam + max(0, -g_h.g_t)/|g_h|^2) g_h``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     ce = nn.CrossEntropyLoss()
     transfer_loss = asymmetric_cross_entropy if history is not None and TRANSFER_LOSSES[rule] == "ace" else ce
@@ -87,6 +90,9 @@ def independent_gradient(model: nn.Module, batch: list[torch.Tensor], history: A
         stored, weight = history[2]
         loss_h = loss_h + weight * logit_replay_loss(out_h, stored)
     g_h = flatten_grads(torch.autograd.grad(loss_h, params, allow_unused=True), params)
+    if history_weight != 1.0:
+        assert rule.startswith("similarity")
+        return g_t + (history_weight + max(0.0, -float(g_h @ g_t)) / float(g_h @ g_h)) * g_h
     return mix(rule, g_h, g_t, loss_h, loss_t).grad
 
 
@@ -96,12 +102,12 @@ def actual_gradient(model: nn.Module, grads: list[torch.Tensor | None]) -> torch
     return flatten_grads(trainable, params)
 
 
-def count_stale(probe: Probe, rule: str, atol: float = 0.0) -> tuple[int, int]:
+def count_stale(probe: Probe, rule: str, atol: float = 0.0, history_weight: float = 1.0) -> tuple[int, int]:
     """(steps whose gradient differs from the independent one, steps with a history batch); ``atol=0``
     asks for bit equality (the two-pass path computes exactly what the independent code does)."""
     stale = mixed = 0
     for model, batch, history, grads in probe.records:
-        expected = independent_gradient(model, batch, history, rule)
+        expected = independent_gradient(model, batch, history, rule, history_weight)
         actual = actual_gradient(model, grads)
         if not (torch.equal(actual, expected) if atol == 0 else torch.allclose(actual, expected, atol=atol, rtol=0)):
             stale += 1
@@ -138,6 +144,21 @@ def test_grad_is_exactly_the_mixed_gradient_in_our_loop(digits, rule: str, gradi
     # the loop handed the plugin the training minibatch alone (history consumed, not concatenated)
     assert all(len(batch[0]) <= 16 for _, batch, _, _ in probe.records)
 
+
+
+@pytest.mark.parametrize("gradient_pass", ["two_pass", "fused", "ghost"])
+def test_history_weight_scales_the_history_gradient_before_the_rule(digits, gradient_pass: str) -> None:
+    # lam = 2.5: every step's .grad is g_t + (2.5 + max(0, -g_h.g_t)/|g_h|^2) g_h, on every gradient pass
+    torch.manual_seed(0)
+    model = MLP(64, 32, 10)
+    plugin = GradientMixingPlugin(rule="similarity_der", gradient_pass=gradient_pass, history_weight=2.5)
+    probe = Probe(plugin)
+    our_trainer(model, [probe, plugin]).train(digits.train_stream[:2])
+    # to 1e-6 on every pass: the plugin scales the geometry and the weight, the hand formula does not
+    stale, mixed = count_stale(probe, "similarity_der", atol=1e-6, history_weight=2.5)
+    assert mixed >= 10 and stale == 0
+    w_h = [row["w_h"] for row in plugin.stats[1]]
+    assert min(w_h) >= 2.5 and max(w_h) > 2.5  # the base weight, and the conflict term on top of it
 
 
 class PriorProbe(Plugin):
@@ -415,7 +436,8 @@ def test_avalanche_example_runs_quick(tmp_path: Path) -> None:
     ({"mem_size": -1}, "mem_size"), ({"mem_size": 2.5}, "mem_size"), ({"rule": "cosine"}, "rule"),
     ({"storage_policy": "newest"}, "storage_policy"), ({"history_batch_size": 0}, "history_batch_size"),
     ({"seed": "0"}, "seed"), ({"gradient_pass": "three"}, "gradient_pass"), ({"logit_weight": -0.1}, "logit_weight"),
-    ({"logit_adjustment": -1.0}, "logit_adjustment"), ({"logit_adjustment": 1.0, "rule": "similarity_ace_der"}, "logit_adjustment"),
+    ({"logit_adjustment": -1.0}, "logit_adjustment"), ({"history_weight": 0.0}, "history_weight"),
+    ({"history_weight": float("inf")}, "history_weight"), ({"logit_adjustment": 1.0, "rule": "similarity_ace_der"}, "logit_adjustment"),
 ])
 def test_impossible_options_fail_at_once_naming_the_option(options: dict, name: str) -> None:
     from incremental.config import ConfigError

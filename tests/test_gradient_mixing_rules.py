@@ -29,7 +29,9 @@ from strategies.mixing_rules import (
     mix_pcgrad,
     mix_similarity,
     mix_sum,
+    weights_agem,
     weights_similarity,
+    with_history_weight,
 )
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
@@ -85,6 +87,25 @@ def test_similarity_2d() -> None:
     assert m.w_h == pytest.approx(2.0, abs=1e-15) and m.w_t == 1.0
     assert close(m.grad, T(1, 1))
     assert float(m.grad @ G_H) == pytest.approx(1.0)
+
+
+def test_history_weight_scales_the_history_gradient_2d() -> None:
+    # lam = 3 on the similarity rule: the rule sees 3 g_h = (3, 0) and g_t = (-1, 1): dot -3, |3 g_h|^2 9,
+    # its weight 1 + 3/9 = 4/3 on 3 g_h, i.e. 4 on g_h = lam + max(0, -dot)/|g_h|^2 = 3 + 1; w_t stays 1
+    geo = Geometry(dot=-1.0, sq_h=1.0, sq_t=2.0)
+    w_h, w_t = with_history_weight(weights_similarity, 3.0)(geo)
+    assert w_h == pytest.approx(4.0, abs=1e-15) and w_t == 1.0
+    g = w_h * G_H + w_t * G_T  # (3, 1): g . g_h = 3 = lam |g_h|^2
+    assert float(g @ G_H) == pytest.approx(3.0)
+    # no conflict: w_h = lam exactly (the plain sum with the history counted lam times)
+    assert with_history_weight(weights_similarity, 0.5)(Geometry(dot=2.0, sq_h=1.0, sq_t=4.0)) == (0.5, 1.0)
+    # A-GEM's projection does not depend on the history gradient's length: unchanged by lam
+    assert with_history_weight(weights_agem, 7.0)(geo) == pytest.approx(weights_agem(geo))
+    # lam = 1 is the rule itself; lam <= 0 or not finite is refused
+    assert with_history_weight(weights_similarity, 1.0) is weights_similarity
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="history_weight"):
+            with_history_weight(weights_similarity, bad)
 
 
 def test_agem_2d() -> None:
