@@ -124,3 +124,14 @@ def test_split_fashion_mnist_3epochs_config_takes_the_measured_options() -> None
     (entry,) = cfg.strategy.plugins
     plugin = build_plugin(entry)
     assert (plugin.history_shift, plugin.logit_weight, plugin.rule_name) == (1, 1.0, "similarity_der")
+
+
+@pytest.mark.parametrize("name,weight,shift", [("split_fashion_mnist_low_forgetting", 3.0, 1), ("digits_transfer", 3.0, 0)])
+def test_configs_with_a_heavier_history_step_build_it(name: str, weight: float, shift: int) -> None:
+    from incremental.cli import prepare_run
+    from strategies.registry import build_plugin
+
+    _, cfg, _ = prepare_run(str(REPO / "configs" / f"{name}.yaml"), [])
+    (entry,) = cfg.strategy.plugins
+    plugin = build_plugin(entry)
+    assert (plugin.history_weight, plugin.history_shift, plugin.rule_name) == (weight, shift, "similarity_der")
