@@ -41,7 +41,7 @@ from incremental.io import write_json  # noqa: E402
 from incremental.multitask.tasks import TaskSpec, label_present, per_sample_loss  # noqa: E402
 from incremental.plugins import Plugin  # noqa: E402
 from incremental.runners.multitask import MultiTaskRun, prepare_data, raw_data  # noqa: E402
-from multitask_weighting import HIGHER, base_config  # noqa: E402  (the weighting benchmark's data and budget)
+from multitask_weighting import base_config, score_ratios  # noqa: E402  (the weighting benchmark's data and budget)
 
 VARIANTS = ("masked", "teacher_fill", "teacher_fill_cls95", "consistency")
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed} {variant:<20} " + " ".join(f"{k[:5]}={v:.3f}" for k, v in headline.items()), flush=True)
     means = {v: {t: sum(h[t] for h in hs) / len(hs) for t in hs[0]} for v, hs in runs.items()}
     full = means["all labels"]
-    ratios = {v: {t: (m[t] / full[t] if HIGHER[t] else full[t] / m[t]) for t in m} for v, m in means.items() if v != "all labels"}
+    ratios = {v: score_ratios(m, full) for v, m in means.items() if v != "all labels"}
     print(f"\nratio to all labels (seed means, 1 = as good), {args.missing:.0%} of each task's labels missing:")
     for variant, r in ratios.items():
         print(f"  {variant:<20} " + " ".join(f"{t[:5]} {x:.2f}" for t, x in r.items())

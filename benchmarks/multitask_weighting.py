@@ -57,6 +57,12 @@ TUNED: dict[str, dict[str, Any]] = {
 }
 
 
+def score_ratios(part: dict[str, float], full: dict[str, float]) -> dict[str, float]:
+    """``part``'s score over ``full``'s, task by task, oriented so that 1 means "as good" and below 1 worse
+    (``part / full`` for accuracies, ``full / part`` for errors)."""
+    return {t: part[t] / full[t] if HIGHER[t] else full[t] / part[t] for t in part}
+
+
 def base_config(args: argparse.Namespace, seed: int) -> Config:
     cfg = Config(seed=seed)
     cfg.scenario.n_train = args.n_train
@@ -185,15 +191,10 @@ def masked_budget_sweep(args: argparse.Namespace) -> dict[str, Any]:
                     rows.setdefault((epochs, missing), {}).setdefault(task, []).append(value)
     means = {key: {t: mean(v) for t, v in per_task.items()} for key, per_task in rows.items()}
     best_full = {t: (max if HIGHER[t] else min)(means[(e, 0.0)][t] for e in args.masked_budgets) for t in TASKS}
-
-    def ratio(masked: float, full: float, task: str) -> float:
-        return masked / full if HIGHER[task] else full / masked
-
     out: dict[str, Any] = {"seeds": args.seeds, "missing": args.missing, "budgets": {}}
     for epochs in args.masked_budgets:
         full, masked = means[(epochs, 0.0)], means[(epochs, args.missing)]
-        same = {t: ratio(masked[t], full[t], t) for t in TASKS}
-        best = {t: ratio(masked[t], best_full[t], t) for t in TASKS}
+        same, best = score_ratios(masked, full), score_ratios(masked, best_full)
         entry = out["budgets"][str(epochs)] = {
             "full": full, "masked": masked, "ratio_same_budget": same, "ratio_to_best_full": best,
             "tasks_at_95_same_budget": sum(v >= 0.95 for v in same.values()),
@@ -225,7 +226,7 @@ def masked_size_sweep(args: argparse.Namespace) -> dict[str, Any]:
         if fewer in args.masked_sizes:
             masked = out["sizes"][str(n_train)]["budgets"][epochs]["masked"]
             full = out["sizes"][str(fewer)]["budgets"][epochs]["full"]
-            ratios = {t: masked[t] / full[t] if HIGHER[t] else full[t] / masked[t] for t in TASKS}
+            ratios = score_ratios(masked, full)
             out["same_labels"][f"{n_train} masked vs {fewer} all labels"] = ratios
             if not args.quiet:
                 print(f"{n_train} images, {args.missing:.0%} masked / {fewer} images, all labels: "
@@ -348,12 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     masked, dropped = f"{DEFAULT} {args.missing:.0%} missing, masked", f"{DEFAULT} {args.missing:.0%} missing, drop partial"
 
-    def score_ratio(part: dict[str, float], full: dict[str, float]) -> dict[str, float]:  # 1.0 = as good as full
-        return {t: (part[t] / full[t] if HIGHER[t] else full[t] / part[t]) for t in TASKS}
-
-    r_masked = score_ratio(summary[masked]["tasks"], summary[DEFAULT]["tasks"])
-    r_dropped = score_ratio(summary[dropped]["tasks"], summary[DEFAULT]["tasks"])
-    r_single = score_ratio(stl_missing_mean, stl_mean)
+    r_masked = score_ratios(summary[masked]["tasks"], summary[DEFAULT]["tasks"])
+    r_dropped = score_ratios(summary[dropped]["tasks"], summary[DEFAULT]["tasks"])
+    r_single = score_ratios(stl_missing_mean, stl_mean)
     targets["masked_at_least_95pct_of_full_on_every_task"] = {
         "met": all(v >= 0.95 for v in r_masked.values()), "ratios": r_masked,
         "tasks_at_95pct": sum(v >= 0.95 for v in r_masked.values()),

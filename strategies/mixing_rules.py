@@ -13,6 +13,7 @@ the combination with the strongest rehearsal baseline that measured best on Spli
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -186,7 +187,7 @@ def with_history_weight(rule: WeightRule, history_weight: float) -> WeightRule:
     a heavier history step measured better on both (docs/gradient_mixing.md, "Transfer").
     ``history_weight`` 1 returns ``rule`` itself (bit for bit the unscaled rule).
     """
-    if not (isinstance(history_weight, (int, float)) and math.isfinite(history_weight) and history_weight > 0):
+    if not (isinstance(history_weight, numbers.Real) and math.isfinite(history_weight) and history_weight > 0):
         raise ValueError(f"history_weight must be a finite number > 0, got {history_weight!r}")
     if history_weight == 1:
         return rule

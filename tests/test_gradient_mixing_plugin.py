@@ -161,6 +161,33 @@ def test_history_weight_scales_the_history_gradient_before_the_rule(digits, grad
     assert min(w_h) >= 2.5 and max(w_h) > 2.5  # the base weight, and the conflict term on top of it
 
 
+def train_in_avalanche_naive(plugin: GradientMixingPlugin) -> Probe:
+    """Two Split Digits experiences in Avalanche's ``Naive`` with ``plugin`` (its own library); the probe
+    that recorded every step."""
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    bench, _ = load_example().avalanche_split_digits(5, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = MLP(64, 32, 10)
+        probe = Probe(plugin)
+        naive = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                      criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1,
+                      plugins=[plugin, probe], evaluator=EvaluationPlugin(loggers=[]))
+        for exp in bench.train_stream[:2]:
+            naive.train(exp)
+    return probe
+
+
+def test_history_weight_inside_avalanche_naive() -> None:
+    # the same hand formula when the plugin runs inside a plain Avalanche strategy with its own library
+    probe = train_in_avalanche_naive(GradientMixingPlugin(rule="similarity_der", mem_size=60, history_weight=2.5))
+    stale, mixed = count_stale(probe, "similarity_der", atol=1e-6, history_weight=2.5)
+    assert mixed >= 10 and stale == 0
+
+
 class PriorProbe(Plugin):
     """The label counts gradient mixing's logit adjustment used at each step (read before the update)."""
 
@@ -217,25 +244,18 @@ def test_grad_is_exact_when_the_head_grows(digits, gradient_pass: str) -> None:
 
 
 def test_grad_is_exact_in_avalanche_naive_and_gss_greedy_is_not(digits) -> None:
-    from avalanche.training import GSS_greedy, Naive
+    from avalanche.training import GSS_greedy
     from avalanche.training.plugins import EvaluationPlugin
+
+    plugin = GradientMixingPlugin(rule="similarity", mem_size=60)
+    probe = train_in_avalanche_naive(plugin)
+    stale, mixed = count_stale(probe, "similarity")
+    assert mixed >= 10 and stale == 0
+    assert len(plugin.library) == 60  # its own library, filled after the first experience
 
     bench, _ = load_example().avalanche_split_digits(5, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        model = MLP(64, 32, 10)
-        plugin = GradientMixingPlugin(rule="similarity", mem_size=60)
-        probe = Probe(plugin)
-        naive = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-                      criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1,
-                      plugins=[plugin, probe], evaluator=EvaluationPlugin(loggers=[]))
-        for exp in bench.train_stream[:2]:
-            naive.train(exp)
-        stale, mixed = count_stale(probe, "similarity")
-        assert mixed >= 10 and stale == 0
-        assert len(plugin.library) == 60  # its own library, filled after the first experience
-
         # Positive control: the same probe on Avalanche's GSS_greedy (no mixing: expected = plain
         # gradient of the step's loss) finds gradients left over from its extra backward passes.
         torch.manual_seed(0)

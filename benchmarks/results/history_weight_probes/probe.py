@@ -4,11 +4,12 @@
     CLIP=5 python probe.py ...                          every strategy clipped at 5
 Prints general change / transfer accuracy and the paired difference to fine-tuning (mean +- std over seeds).
 """
-import sys, json, statistics
+import sys, statistics
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3])); sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 import torch
 torch.set_num_threads(1)
 import gradient_mixing as bench
+from incremental.io import write_json  # temp file + rename
 
 LAMS = [float(x) for x in sys.argv[2].split(",")]
 shots = [int(x) for x in sys.argv[3].split(",")]
@@ -35,4 +36,4 @@ for sh, rows in res.items():
         t = [100*r["transfer_after"] for r in rs]
         d = [100*(r["transfer_after"]-f["transfer_after"]) for r, f in zip(rs, ft)]
         print(f"{scenario} shots {sh} {label:20s} general {statistics.mean(g):+6.2f}  transfer {statistics.mean(t):6.2f}  vs ft {statistics.mean(d):+5.2f} +- {statistics.stdev(d) if len(d)>1 else 0:.2f}", flush=True)
-json.dump({str(k): v for k, v in res.items()}, open(f"{scenario}_{sys.argv[2]}_{sys.argv[3]}.json", "w"))
+write_json(f"{scenario}_{sys.argv[2]}_{sys.argv[3]}_seeds{sys.argv[4]}.json", {str(k): v for k, v in res.items()})
