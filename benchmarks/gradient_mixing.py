@@ -485,7 +485,9 @@ def print_cost_table(out: dict[str, Any]) -> list[str]:
 
 FLOOR_PHASES = {"replay": ("forward", "loss", "backward", "optimizer step"),
                 "ghost": ("forward", "loss", "backward to outputs", "Gram matrices", "weighted gradients",
-                          "optimizer step")}
+                          "optimizer step"),
+                "sum + history rows": ("forward", "loss", "backward", "history rows' Gram", "|g|^2",
+                                       "conflict correction", "optimizer step")}
 
 
 def floor_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -500,8 +502,9 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
     from incremental.linear_gradients import (
         LinearCapture, group_gram, output_gradients, views_by_param, weighted_gradients_into,
     )
-    from strategies.mixing_rules import Geometry, weights_similarity
+    from strategies.mixing_rules import Geometry, weights_similarity, with_history_weight
 
+    rule = [weights_similarity]  # the step functions read it; the agreement check below swaps it
     build, shape = COST_MODELS[next(iter(COST_MODELS))]
     torch.manual_seed(0)
     model = build()
@@ -542,7 +545,7 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
         t.append(time.perf_counter())
         (sq_h, dot), (_, sq_t) = group_gram(capture.records, dz, BATCH).tolist()
         t.append(time.perf_counter())
-        w_h, w_t = weights_similarity(Geometry(dot, sq_h, sq_t))  # as the plugin's ghost step does
+        w_h, w_t = rule[0](Geometry(dot, sq_h, sq_t))  # as the plugin's ghost step does
         weights = torch.full((2 * BATCH,), w_h)
         weights[:BATCH] = w_t
         weighted_gradients_into(views, capture.records, dz, weights)
@@ -554,7 +557,65 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
         t.append(time.perf_counter())
         return t
 
-    steps = {"replay": replay_step, "ghost": ghost_step}
+    def sum_step() -> list[float]:
+        """The other exact construction: autograd's own backward of ``loss_h + loss_t`` gives the summed
+        gradient ``G = g_h + g_t`` and, in the same pass, every layer's output gradients; the history rows'
+        block of the Gram matrices (half of ``N x N``) gives ``|g_h|^2`` and ``g_h.G``, so ``g_h.g_t =
+        g_h.G - |g_h|^2``; ``|g_t|^2`` from ``|G|^2``; only a conflict step adds ``(w_h - w_t) g_h``."""
+        t = [time.perf_counter()]
+        opt.zero_grad()
+        capture.start()
+        out = model(x)
+        capture.stop()
+        t.append(time.perf_counter())
+        loss_t = F.cross_entropy(out[:BATCH], y[:BATCH])
+        loss_h = F.cross_entropy(out[BATCH:], y[BATCH:]) + 0.3 * F.mse_loss(out[BATCH:], stored)
+        t.append(time.perf_counter())
+        records = capture.records
+        grads = torch.autograd.grad(loss_h + loss_t, [r.z for r in records] + params)
+        dz, summed = grads[:len(records)], grads[len(records):]
+        t.append(time.perf_counter())
+        block = None
+        for r, d in zip(records, dz):
+            inner = d[BATCH:] @ d.T
+            inner *= torch.addmm(torch.ones(()), r.x[BATCH:], r.x.T)
+            block = inner if block is None else block.add_(inner)
+        sq_h, h_dot_sum = block[:, BATCH:].sum().item(), block.sum().item()
+        t.append(time.perf_counter())
+        sq_sum = float(torch.stack(torch._foreach_norm(summed)).square().sum())
+        t.append(time.perf_counter())
+        dot = h_dot_sum - sq_h
+        w_h, w_t = rule[0](Geometry(dot, sq_h, sq_sum - 2 * h_dot_sum + sq_h))
+        if w_h != w_t:
+            if w_t != 1.0:
+                torch._foreach_mul_(summed, w_t)
+            for r, d in zip(records, dz):
+                rows = d[BATCH:]
+                summed[index[id(r.module.weight)]].addmm_(rows.T, r.x[BATCH:], alpha=w_h - w_t)
+                summed[index[id(r.module.bias)]].add_(rows.sum(0), alpha=w_h - w_t)
+        for p, g in zip(params, summed):
+            p.grad = g
+        capture.records = []
+        t.append(time.perf_counter())
+        opt.step()
+        t.append(time.perf_counter())
+        return t
+
+    index = {id(p): i for i, p in enumerate(params)}
+    steps = {"replay": replay_step, "ghost": ghost_step, "sum + history rows": sum_step}
+    # Both constructions must give the same mixed gradient, or timing them side by side means nothing:
+    # one step of each at lr 0 (the model stays put, .grad keeps the step's gradient), with the default
+    # rule and with history_weight 3 (w_h != w_t on every step: the correction path runs).
+    opt.param_groups[0]["lr"] = 0.0
+    difference = 0.0
+    for check_rule in (with_history_weight(weights_similarity, 3.0), weights_similarity):
+        rule[0] = check_rule
+        mixed = []
+        for kind in ("ghost", "sum + history rows"):
+            steps[kind]()
+            mixed.append(torch.cat([p.grad.flatten() for p in params]))
+        difference = max(difference, float((mixed[0] - mixed[1]).abs().max() / mixed[0].abs().max()))
+    opt.param_groups[0]["lr"], rule[0] = 0.01, weights_similarity
     n = args.floor_steps
     for i in range(n + n // 5):  # the first fifth warms up
         for kind, step in steps.items():
@@ -565,7 +626,9 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
     capture.remove()
     med = {k: {p: statistics.median(v) for p, v in phases.items()} for k, phases in times.items()}
     totals = {k: sum(v.values()) for k, v in med.items()}
-    return {"steps": n, "phase_us": med, "total_us": totals, "ratio": totals["ghost"] / totals["replay"]}
+    ratios = {k: v / totals["replay"] for k, v in totals.items() if k != "replay"}
+    return {"steps": n, "phase_us": med, "total_us": totals, "ratio": ratios["ghost"], "ratios": ratios,
+            "sum_vs_ghost_relative_difference": difference}
 
 
 def print_floor_table(out: dict[str, Any]) -> list[str]:
@@ -574,7 +637,8 @@ def print_floor_table(out: dict[str, Any]) -> list[str]:
     for kind, phases in out["phase_us"].items():
         cells = ", ".join(f"{p} {v:.0f}" for p, v in phases.items())
         lines.append(f"  {kind:7s} {out['total_us'][kind]:6.0f} = {cells}")
-    lines.append(f"  ghost / replay: {out['ratio']:.2f}x")
+    lines += [f"  {kind} / replay: {ratio:.2f}x" for kind, ratio in out["ratios"].items()]
+    lines.append(f"  both mixed gradients agree to {out['sum_vs_ghost_relative_difference']:.1e} of the largest entry")
     log("\n".join(lines), QUIET)
     return lines
 

@@ -33,6 +33,8 @@ def test_floor_part_times_every_phase_of_both_hand_written_steps() -> None:
         assert all(v > 0 for v in out["phase_us"][kind].values())
         assert out["total_us"][kind] == pytest.approx(sum(out["phase_us"][kind].values()))
     assert out["ratio"] == pytest.approx(out["total_us"]["ghost"] / out["total_us"]["replay"])
+    assert out["ratios"]["sum + history rows"] == pytest.approx(out["total_us"]["sum + history rows"] / out["total_us"]["replay"])
+    assert out["sum_vs_ghost_relative_difference"] < 1e-5  # both constructions give the same mixed gradient
 
 
 def test_cost_models_can_be_chosen_on_the_command_line(monkeypatch, tmp_path) -> None:

@@ -68,7 +68,8 @@ def legacy(old: dict[str, Any]) -> LegacyUpdate:
     update = LegacyUpdate(history=legacy_history(old))
     if old.get("name") == "gradient_mixing" and "policy" not in update.history:
         update.history["policy"] = "herding"  # what the old form defaulted to (the measured choice)
-    options = {"gradient_mixing": take(old, "rule", "gradient_pass", "logit_weight", "history_weight"),
+    options = {"gradient_mixing": take(old, "rule", "gradient_pass", "logit_weight", "history_weight",
+                                                 "history_shift", "logit_adjustment"),
                "lwf": {k.removeprefix("lwf_"): v for k, v in take(old, "lwf_alpha", "lwf_temperature").items()},
                "ewc": take(old, "ewc_lambda")}
     update.options = {k: v for k, v in options.items() if v}

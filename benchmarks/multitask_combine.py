@@ -1,0 +1,137 @@
+"""Δm% of every weighting method over the seeds of several ``benchmarks/multitask_weighting.py`` files.
+
+One benchmark run of five seeds cannot tell two methods apart whose paired difference is within a point
+or two (its t interval at n = 5 is about ±1.2 standard deviations of the differences); more seeds run
+as separate files (each half on its own core) answer it. The benchmark measures each seed's Δm% against
+the single-task networks averaged over its seeds, so the per-seed Δm% of two files rest on different
+references; this recomputes every seed's Δm% from the runs' task metrics against the single-task
+networks averaged over all seeds of all files (what one run over all the seeds would report), pairs
+each method with ``--baseline`` seed by seed (seeds both have), and prints mean ± std and the paired
+difference with its 95% t interval (the benchmark's own ``paired``). Files must share the benchmark's
+settings (images, epochs, missing fraction); a file whose settings differ from the first file's is
+refused, naming the field.
+
+    python benchmarks/multitask_combine.py benchmarks/results/multitask_weighting.json \\
+        benchmarks/results/multitask_weighting_seeds5-12.json benchmarks/results/multitask_weighting_seeds13-19.json \\
+        --out benchmarks/results/multitask_weighting_20seeds.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from incremental.io import write_json  # noqa: E402
+from incremental.multitask.metrics import delta_m, relative_drop  # noqa: E402
+from multitask_weighting import mean, paired, std  # noqa: E402  (the benchmark's own statistics)
+
+#: Settings that must agree for two files' Δm% to be comparable.
+SAME_SETTINGS = ("n_train", "n_test", "epochs", "missing", "default")
+
+
+def collect(paths: list[Path]) -> "Pooled":
+    """Every file's runs and single-task networks, pooled by seed (a seed that two files both hold must
+    agree: the benchmark is deterministic, so a mismatch means different code or settings)."""
+    headlines: dict[str, dict[int, dict[str, float]]] = {}
+    single: dict[str, dict[int, float]] = {}
+    higher: dict[str, bool] = {}
+    first: dict[str, Any] | None = None
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+            settings, runs = data["settings"], data["runs"]
+            higher, stl = data["higher_is_better"], data["single_task"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"{path}: not a multitask_weighting.py result ({exc})") from None
+        first = first or settings
+        for key in SAME_SETTINGS:
+            if settings.get(key) != first.get(key):
+                raise SystemExit(f"{path}: settings.{key} is {settings.get(key)!r}, the first file has {first.get(key)!r}")
+        for task, by_seed in stl.items():
+            for seed, value in by_seed.items():
+                _merge(single.setdefault(task, {}), int(seed), value, path, f"single_task.{task}")
+        for method, by_seed in runs.items():
+            for seed, run in by_seed.items():
+                _merge(headlines.setdefault(method, {}), int(seed), run["headline"], path, method)
+    reference = {task: mean(list(by_seed.values())) for task, by_seed in single.items()}
+    return Pooled(headlines, reference, higher, first or {})
+
+
+@dataclass
+class Pooled:
+    """Every file's runs by method and seed, and the single-task reference averaged over all seeds."""
+
+    headlines: dict[str, dict[int, dict[str, float]]]
+    reference: dict[str, float]
+    higher: dict[str, bool]
+    settings: dict[str, Any]
+
+    def delta_m(self) -> dict[str, dict[int, float]]:
+        """method -> seed -> Δm% against the pooled reference."""
+        return {method: {seed: float(delta_m(h, self.reference, self.higher)) for seed, h in by_seed.items()}
+                for method, by_seed in self.headlines.items()}
+
+    def drops(self, method: str) -> dict[str, float]:
+        """Each task's relative drop (%) of the method's seed-mean metric against the reference, as the
+        benchmark's ``relative_drop_pct`` (positive = worse than the single-task networks)."""
+        runs = self.headlines[method].values()
+        return {t: 100 * relative_drop(mean([h[t] for h in runs]), ref, self.higher[t]) for t, ref in self.reference.items()}
+
+
+def _merge(known: dict[int, Any], seed: int, value: Any, path: Path, what: str) -> None:
+    if seed in known and known[seed] != value:
+        raise SystemExit(f"{path}: {what} seed {seed} reads {value}, another file {known[seed]}")
+    known[seed] = value
+
+
+def combine(pooled: Pooled, baseline: str) -> dict[str, dict[str, Any]]:
+    per_method = pooled.delta_m()
+    if baseline not in per_method:
+        raise SystemExit(f"--baseline {baseline!r} is in no file; methods: {', '.join(per_method)}")
+    base = per_method[baseline]
+    out = {}
+    for method, by_seed in per_method.items():
+        values = [by_seed[s] for s in sorted(by_seed)]
+        shared = sorted(set(by_seed) & set(base))
+        drops = pooled.drops(method)
+        worst = max(drops, key=drops.get)
+        out[method] = {"seeds": sorted(by_seed), "delta_m_mean": mean(values), "delta_m_std": std(values),
+                       f"minus_{baseline}": paired([by_seed[s] - base[s] for s in shared]),
+                       f"lower_than_{baseline}_on": sum(by_seed[s] < base[s] for s in shared),
+                       "relative_drop_pct": drops, "worst_task": worst, "worst_drop_pct": drops[worst]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--baseline", default="equal", help="the method every other is paired with")
+    parser.add_argument("--out", type=Path, help="JSON of the combined table (temp file + rename)")
+    args = parser.parse_args(argv)
+    pooled = collect(args.files)
+    table = combine(pooled, args.baseline)
+    key = f"minus_{args.baseline}"
+    print(f"Δm% (lower is better) over the seeds of {len(args.files)} files; paired with {args.baseline} seed by seed")
+    print(f"{'method':44s} {'n':>3s} {'Δm% mean ± std':>16s}   {'minus ' + args.baseline + ' [95% t]':>30s}  "
+          f"lower on  worst task")
+    for method, row in sorted(table.items(), key=lambda kv: kv[1]["delta_m_mean"]):
+        p = row[key]
+        interval = f"{p['mean']:+6.2f} ± {p['std']:4.2f} [{p['ci95'][0]:+6.2f}, {p['ci95'][1]:+6.2f}]"
+        print(f"{method:44s} {len(row['seeds']):3d} {row['delta_m_mean']:+8.2f} ± {row['delta_m_std']:5.2f}   "
+              f"{interval:>30s}  {row['lower_than_' + args.baseline + '_on']:>3d}/{p['n']:<3d}  "
+              f"{row['worst_task']} {row['worst_drop_pct']:+.1f}%")
+    if args.out:
+        write_json(args.out, {"files": [str(p) for p in args.files], "baseline": args.baseline,
+                              "settings": {k: pooled.settings.get(k) for k in SAME_SETTINGS},
+                              "single_task_reference": pooled.reference, "methods": table})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
