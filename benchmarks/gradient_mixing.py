@@ -531,8 +531,10 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
         t.append(time.perf_counter())
         return t
 
-    def ghost_step() -> list[float]:
-        t = [time.perf_counter()]
+    def joint_losses(t: list[float]) -> torch.Tensor:
+        """Both mixing steps start alike: one forward over the joint minibatch with the linear layers
+        recorded, then ``loss_h + loss_t`` (transfer rows first; the history loss with DER's logit term);
+        the phase boundaries go into ``t``."""
         opt.zero_grad()
         capture.start()
         out = model(x)
@@ -541,7 +543,22 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
         loss_t = F.cross_entropy(out[:BATCH], y[:BATCH])
         loss_h = F.cross_entropy(out[BATCH:], y[BATCH:]) + 0.3 * F.mse_loss(out[BATCH:], stored)
         t.append(time.perf_counter())
-        dz = output_gradients(loss_h + loss_t, capture.records)
+        return loss_h + loss_t
+
+    def step_with(grads: Sequence[torch.Tensor], t: list[float]) -> list[float]:
+        """Both mixing steps end alike: the mixed gradient becomes ``.grad``, the step's records go, the
+        optimizer steps (its own phase)."""
+        for p, g in zip(params, grads):
+            p.grad = g
+        capture.records = []
+        t.append(time.perf_counter())
+        opt.step()
+        t.append(time.perf_counter())
+        return t
+
+    def ghost_step() -> list[float]:
+        t = [time.perf_counter()]
+        dz = output_gradients(joint_losses(t), capture.records)
         t.append(time.perf_counter())
         (sq_h, dot), (_, sq_t) = group_gram(capture.records, dz, BATCH).tolist()
         t.append(time.perf_counter())
@@ -549,13 +566,7 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
         weights = torch.full((2 * BATCH,), w_h)
         weights[:BATCH] = w_t
         weighted_gradients_into(views, capture.records, dz, weights)
-        for p, v in zip(params, out_bufs):
-            p.grad = v
-        capture.records = []
-        t.append(time.perf_counter())
-        opt.step()
-        t.append(time.perf_counter())
-        return t
+        return step_with(out_bufs, t)
 
     def sum_step() -> list[float]:
         """The other exact construction: autograd's own backward of ``loss_h + loss_t`` gives the summed
@@ -563,16 +574,9 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
         block of the Gram matrices (half of ``N x N``) gives ``|g_h|^2`` and ``g_h.G``, so ``g_h.g_t =
         g_h.G - |g_h|^2``; ``|g_t|^2`` from ``|G|^2``; only a conflict step adds ``(w_h - w_t) g_h``."""
         t = [time.perf_counter()]
-        opt.zero_grad()
-        capture.start()
-        out = model(x)
-        capture.stop()
-        t.append(time.perf_counter())
-        loss_t = F.cross_entropy(out[:BATCH], y[:BATCH])
-        loss_h = F.cross_entropy(out[BATCH:], y[BATCH:]) + 0.3 * F.mse_loss(out[BATCH:], stored)
-        t.append(time.perf_counter())
+        total = joint_losses(t)
         records = capture.records
-        grads = torch.autograd.grad(loss_h + loss_t, [r.z for r in records] + params)
+        grads = torch.autograd.grad(total, [r.z for r in records] + params)
         dz, summed = grads[:len(records)], grads[len(records):]
         t.append(time.perf_counter())
         block = None
@@ -593,13 +597,7 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
                 rows = d[BATCH:]
                 summed[index[id(r.module.weight)]].addmm_(rows.T, r.x[BATCH:], alpha=w_h - w_t)
                 summed[index[id(r.module.bias)]].add_(rows.sum(0), alpha=w_h - w_t)
-        for p, g in zip(params, summed):
-            p.grad = g
-        capture.records = []
-        t.append(time.perf_counter())
-        opt.step()
-        t.append(time.perf_counter())
-        return t
+        return step_with(summed, t)
 
     index = {id(p): i for i, p in enumerate(params)}
     steps = {"replay": replay_step, "ghost": ghost_step, "sum + history rows": sum_step}
