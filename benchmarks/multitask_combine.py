@@ -13,7 +13,7 @@ refused, naming the field.
 
     python benchmarks/multitask_combine.py benchmarks/results/multitask_weighting.json \\
         benchmarks/results/multitask_weighting_seeds5-12.json benchmarks/results/multitask_weighting_seeds13-19.json \\
-        --out benchmarks/results/multitask_weighting_20seeds.json
+        --ratio "dwa_ema_exp_init 50% missing, masked" dwa_ema_exp_init --out benchmarks/results/multitask_weighting_20seeds.json
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from incremental.io import write_json  # noqa: E402
 from incremental.multitask.metrics import delta_m, relative_drop  # noqa: E402
-from multitask_weighting import mean, paired, std  # noqa: E402  (the benchmark's own statistics)
+from multitask_weighting import mean, paired, score_ratios, std  # noqa: E402  (the benchmark's own statistics)
 
 #: Settings that must agree for two files' Δm% to be comparable.
 SAME_SETTINGS = ("n_train", "n_test", "epochs", "missing", "default")
@@ -80,8 +80,12 @@ class Pooled:
     def drops(self, method: str) -> dict[str, float]:
         """Each task's relative drop (%) of the method's seed-mean metric against the reference, as the
         benchmark's ``relative_drop_pct`` (positive = worse than the single-task networks)."""
+        return {t: 100 * relative_drop(v, self.reference[t], self.higher[t]) for t, v in self.task_means(method).items()}
+
+    def task_means(self, method: str) -> dict[str, float]:
+        """Each task's metric averaged over the method's seeds."""
         runs = self.headlines[method].values()
-        return {t: 100 * relative_drop(mean([h[t] for h in runs]), ref, self.higher[t]) for t, ref in self.reference.items()}
+        return {t: mean([h[t] for h in runs]) for t in self.reference}
 
 
 def _merge(known: dict[int, Any], seed: int, value: Any, path: Path, what: str) -> None:
@@ -112,10 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--baseline", default="equal", help="the method every other is paired with")
+    parser.add_argument("--ratio", nargs=2, metavar=("PART", "FULL"), action="append", default=[],
+                        help="also each task's score of PART over FULL's (seed means; 1 = as good), e.g. the "
+                             "masked run over the all-label run; repeatable")
     parser.add_argument("--out", type=Path, help="JSON of the combined table (temp file + rename)")
     args = parser.parse_args(argv)
     pooled = collect(args.files)
     table = combine(pooled, args.baseline)
+    ratios = {}
+    for part, full in args.ratio:
+        for name in (part, full):
+            if name not in pooled.headlines:
+                raise SystemExit(f"--ratio: {name!r} is in no file; methods: {', '.join(pooled.headlines)}")
+        ratios[f"{part} / {full}"] = score_ratios(pooled.task_means(part), pooled.task_means(full), pooled.higher)
     key = f"minus_{args.baseline}"
     print(f"Δm% (lower is better) over the seeds of {len(args.files)} files; paired with {args.baseline} seed by seed")
     print(f"{'method':44s} {'n':>3s} {'Δm% mean ± std':>16s}   {'minus ' + args.baseline + ' [95% t]':>30s}  "
@@ -126,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method:44s} {len(row['seeds']):3d} {row['delta_m_mean']:+8.2f} ± {row['delta_m_std']:5.2f}   "
               f"{interval:>30s}  {row['lower_than_' + args.baseline + '_on']:>3d}/{p['n']:<3d}  "
               f"{row['worst_task']} {row['worst_drop_pct']:+.1f}%")
+    for name, by_task in ratios.items():
+        cells = ", ".join(f"{t} {r:.3f}" for t, r in sorted(by_task.items(), key=lambda kv: -kv[1]))
+        print(f"{name}: {cells}; {sum(r >= 0.95 for r in by_task.values())} of {len(by_task)} at >= 0.95")
     if args.out:
         write_json(args.out, {"files": [str(p) for p in args.files], "baseline": args.baseline,
                               "settings": {k: pooled.settings.get(k) for k in SAME_SETTINGS},
-                              "single_task_reference": pooled.reference, "methods": table})
+                              "single_task_reference": pooled.reference, "methods": table, "score_ratios": ratios})
     return 0
 
 

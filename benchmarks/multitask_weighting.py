@@ -57,10 +57,12 @@ TUNED: dict[str, dict[str, Any]] = {
 }
 
 
-def score_ratios(part: dict[str, float], full: dict[str, float]) -> dict[str, float]:
+def score_ratios(part: dict[str, float], full: dict[str, float],
+                 higher: dict[str, bool] | None = None) -> dict[str, float]:
     """``part``'s score over ``full``'s, task by task, oriented so that 1 means "as good" and below 1 worse
-    (``part / full`` for accuracies, ``full / part`` for errors)."""
-    return {t: part[t] / full[t] if HIGHER[t] else full[t] / part[t] for t in part}
+    (``part / full`` for accuracies, ``full / part`` for errors; ``higher`` defaults to these tasks')."""
+    higher = HIGHER if higher is None else higher
+    return {t: part[t] / full[t] if higher[t] else full[t] / part[t] for t in part}
 
 
 def base_config(args: argparse.Namespace, seed: int) -> Config:

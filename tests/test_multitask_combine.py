@@ -36,8 +36,11 @@ def test_delta_m_against_the_pooled_reference_paired_seed_by_seed(tmp_path, caps
     b = result(tmp_path, "b.json", {2: (1.0, 2.0)},
                {"equal": {2: (0.8, 2.2)}, "dwa": {2: (0.8, 1.8)}, "gradnorm": {2: (0.88, 2.0)}})
     out = tmp_path / "c.json"
-    assert mc.main([str(a), str(b), "--out", str(out)]) == 0
-    table = json.loads(out.read_text())["methods"]
+    assert mc.main([str(a), str(b), "--ratio", "dwa", "equal", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    table = written["methods"]
+    # seed means: dwa acc 0.8267 / equal 0.7733; err: equal 2.0667 / dwa 1.9333 (errors: full over part)
+    assert written["score_ratios"]["dwa / equal"] == pytest.approx({"acc": 0.82667 / 0.77333, "err": 2.06667 / 1.93333}, rel=1e-4)
     # Δm = 50 (drop_acc + drop_err): equal 0, 5, 5; dwa -5, 0, -5; differences -5, -5, -10
     assert table["equal"]["delta_m_mean"] == pytest.approx(10 / 3)
     assert table["dwa"]["delta_m_mean"] == pytest.approx(-10 / 3)
@@ -63,6 +66,8 @@ def test_files_of_other_settings_or_disagreeing_seeds_are_refused(tmp_path) -> N
         mc.main([str(a), str(again)])
     with pytest.raises(SystemExit, match="--baseline 'nope' is in no file"):
         mc.main([str(a), "--baseline", "nope"])
+    with pytest.raises(SystemExit, match="--ratio: 'nope' is in no file"):
+        mc.main([str(a), "--ratio", "nope", "equal"])
     broken = tmp_path / "d.json"
     broken.write_text("{}")
     with pytest.raises(SystemExit, match=r"d\.json: not a multitask_weighting\.py result"):
