@@ -502,9 +502,8 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
     from incremental.linear_gradients import (
         LinearCapture, group_gram, output_gradients, views_by_param, weighted_gradients_into,
     )
-    from strategies.mixing_rules import Geometry, weights_similarity, with_history_weight
+    from strategies.mixing_rules import Geometry, WeightRule, weights_similarity, with_history_weight
 
-    rule = [weights_similarity]  # the step functions read it; the agreement check below swaps it
     build, shape = COST_MODELS[next(iter(COST_MODELS))]
     torch.manual_seed(0)
     model = build()
@@ -556,19 +555,19 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
         t.append(time.perf_counter())
         return t
 
-    def ghost_step() -> list[float]:
+    def ghost_step(rule: WeightRule = weights_similarity) -> list[float]:
         t = [time.perf_counter()]
         dz = output_gradients(joint_losses(t), capture.records)
         t.append(time.perf_counter())
         (sq_h, dot), (_, sq_t) = group_gram(capture.records, dz, BATCH).tolist()
         t.append(time.perf_counter())
-        w_h, w_t = rule[0](Geometry(dot, sq_h, sq_t))  # as the plugin's ghost step does
+        w_h, w_t = rule(Geometry(dot, sq_h, sq_t))  # as the plugin's ghost step does
         weights = torch.full((2 * BATCH,), w_h)
         weights[:BATCH] = w_t
         weighted_gradients_into(views, capture.records, dz, weights)
         return step_with(out_bufs, t)
 
-    def sum_step() -> list[float]:
+    def sum_step(rule: WeightRule = weights_similarity) -> list[float]:
         """The other exact construction: autograd's own backward of ``loss_h + loss_t`` gives the summed
         gradient ``G = g_h + g_t`` and, in the same pass, every layer's output gradients; the history rows'
         block of the Gram matrices (half of ``N x N``) gives ``|g_h|^2`` and ``g_h.G``, so ``g_h.g_t =
@@ -589,7 +588,7 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
         sq_sum = float(torch.stack(torch._foreach_norm(summed)).square().sum())
         t.append(time.perf_counter())
         dot = h_dot_sum - sq_h
-        w_h, w_t = rule[0](Geometry(dot, sq_h, sq_sum - 2 * h_dot_sum + sq_h))
+        w_h, w_t = rule(Geometry(dot, sq_h, sq_sum - 2 * h_dot_sum + sq_h))
         if w_h != w_t:
             if w_t != 1.0:
                 torch._foreach_mul_(summed, w_t)
@@ -606,14 +605,13 @@ def floor_part(args: argparse.Namespace) -> dict[str, Any]:
     # rule and with history_weight 3 (w_h != w_t on every step: the correction path runs).
     opt.param_groups[0]["lr"] = 0.0
     difference = 0.0
-    for check_rule in (with_history_weight(weights_similarity, 3.0), weights_similarity):
-        rule[0] = check_rule
+    for rule in (with_history_weight(weights_similarity, 3.0), weights_similarity):
         mixed = []
         for kind in ("ghost", "sum + history rows"):
-            steps[kind]()
+            steps[kind](rule)
             mixed.append(torch.cat([p.grad.flatten() for p in params]))
         difference = max(difference, float((mixed[0] - mixed[1]).abs().max() / mixed[0].abs().max()))
-    opt.param_groups[0]["lr"], rule[0] = 0.01, weights_similarity
+    opt.param_groups[0]["lr"] = 0.01
     n = args.floor_steps
     for i in range(n + n // 5):  # the first fifth warms up
         for kind, step in steps.items():

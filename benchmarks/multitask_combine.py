@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from incremental.io import write_json  # noqa: E402
-from incremental.multitask.metrics import delta_m, relative_drop  # noqa: E402
-from multitask_weighting import mean, paired, score_ratios, std  # noqa: E402  (the benchmark's own statistics)
+from multitask_weighting import mean, paired, score_ratios, score_runs, std  # noqa: E402  (the benchmark's own scoring)
 
 #: Settings that must agree for two files' Δm% to be comparable.
 SAME_SETTINGS = ("n_train", "n_test", "epochs", "missing", "default")
@@ -72,20 +71,10 @@ class Pooled:
     higher: dict[str, bool]
     settings: dict[str, Any]
 
-    def delta_m(self) -> dict[str, dict[int, float]]:
-        """method -> seed -> Δm% against the pooled reference."""
-        return {method: {seed: float(delta_m(h, self.reference, self.higher)) for seed, h in by_seed.items()}
-                for method, by_seed in self.headlines.items()}
-
-    def drops(self, method: str) -> dict[str, float]:
-        """Each task's relative drop (%) of the method's seed-mean metric against the reference, as the
-        benchmark's ``relative_drop_pct`` (positive = worse than the single-task networks)."""
-        return {t: 100 * relative_drop(v, self.reference[t], self.higher[t]) for t, v in self.task_means(method).items()}
-
-    def task_means(self, method: str) -> dict[str, float]:
-        """Each task's metric averaged over the method's seeds."""
-        runs = self.headlines[method].values()
-        return {t: mean([h[t] for h in runs]) for t in self.reference}
+    def score(self, method: str) -> dict[str, Any]:
+        """The method's Δm% per seed, task means, drops and worst task against the pooled reference (the
+        benchmark's own :func:`score_runs`)."""
+        return score_runs(self.headlines[method], self.reference, self.higher)
 
 
 def _merge(known: dict[int, Any], seed: int, value: Any, path: Path, what: str) -> None:
@@ -95,20 +84,19 @@ def _merge(known: dict[int, Any], seed: int, value: Any, path: Path, what: str) 
 
 
 def combine(pooled: Pooled, baseline: str) -> dict[str, dict[str, Any]]:
-    per_method = pooled.delta_m()
-    if baseline not in per_method:
-        raise SystemExit(f"--baseline {baseline!r} is in no file; methods: {', '.join(per_method)}")
-    base = per_method[baseline]
+    if baseline not in pooled.headlines:
+        raise SystemExit(f"--baseline {baseline!r} is in no file; methods: {', '.join(pooled.headlines)}")
+    scores = {method: pooled.score(method) for method in pooled.headlines}
+    base = scores[baseline]["delta_m_by_seed"]
     out = {}
-    for method, by_seed in per_method.items():
+    for method, score in scores.items():
+        by_seed = score["delta_m_by_seed"]
         values = [by_seed[s] for s in sorted(by_seed)]
         shared = sorted(set(by_seed) & set(base))
-        drops = pooled.drops(method)
-        worst = max(drops, key=drops.get)
         out[method] = {"seeds": sorted(by_seed), "delta_m_mean": mean(values), "delta_m_std": std(values),
                        f"minus_{baseline}": paired([by_seed[s] - base[s] for s in shared]),
                        f"lower_than_{baseline}_on": sum(by_seed[s] < base[s] for s in shared),
-                       "relative_drop_pct": drops, "worst_task": worst, "worst_drop_pct": drops[worst]}
+                       **{k: score[k] for k in ("relative_drop_pct", "worst_task", "worst_drop_pct")}}
     return out
 
 
@@ -128,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in (part, full):
             if name not in pooled.headlines:
                 raise SystemExit(f"--ratio: {name!r} is in no file; methods: {', '.join(pooled.headlines)}")
-        ratios[f"{part} / {full}"] = score_ratios(pooled.task_means(part), pooled.task_means(full), pooled.higher)
+        ratios[f"{part} / {full}"] = score_ratios(pooled.score(part)["tasks"], pooled.score(full)["tasks"], pooled.higher)
     key = f"minus_{args.baseline}"
     print(f"Δm% (lower is better) over the seeds of {len(args.files)} files; paired with {args.baseline} seed by seed")
     print(f"{'method':44s} {'n':>3s} {'Δm% mean ± std':>16s}   {'minus ' + args.baseline + ' [95% t]':>30s}  "

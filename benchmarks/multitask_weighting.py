@@ -65,6 +65,19 @@ def score_ratios(part: dict[str, float], full: dict[str, float],
     return {t: part[t] / full[t] if higher[t] else full[t] / part[t] for t in part}
 
 
+def score_runs(headlines: dict[Any, dict[str, float]], reference: dict[str, float],
+               higher: dict[str, bool] | None = None) -> dict[str, Any]:
+    """One method's runs (seed -> each task's metric) against the single-task reference averaged over
+    seeds: Δm% per seed, each task's seed mean and its relative drop (%), and the worst task. The
+    benchmark's summary and ``multitask_combine.py`` (several result files pooled) both score so."""
+    higher = HIGHER if higher is None else higher
+    tasks = {t: mean([h[t] for h in headlines.values()]) for t in reference}
+    drops = {t: 100 * relative_drop(tasks[t], reference[t], higher[t]) for t in reference}
+    worst = max(drops, key=drops.get)
+    return {"delta_m_by_seed": {s: delta_m(h, reference, higher) for s, h in headlines.items()},
+            "tasks": tasks, "relative_drop_pct": drops, "worst_task": worst, "worst_drop_pct": drops[worst]}
+
+
 def base_config(args: argparse.Namespace, seed: int) -> Config:
     cfg = Config(seed=seed)
     cfg.scenario.n_train = args.n_train
@@ -309,19 +322,19 @@ def main(argv: list[str] | None = None) -> int:
     stl_missing_mean = {t: mean(list(stl_missing[t].values())) for t in TASKS}
     # delta_m of each seed's run against the single-task reference averaged over seeds (one number
     # per task, as papers report it); a per-seed reference would add the single-task runs' own noise
-    dm_by_seed = {name: {s: delta_m(r["headline"], stl_mean, HIGHER) for s, r in per_seed.items()}
-                  for name, per_seed in runs.items()}
+    scores = {name: score_runs({s: r["headline"] for s, r in per_seed.items()}, stl_mean)
+              for name, per_seed in runs.items()}
+    dm_by_seed = {name: score["delta_m_by_seed"] for name, score in scores.items()}
     summary: dict[str, Any] = {}
     for name, per_seed in runs.items():
         dms = list(dm_by_seed[name].values())
         vs_equal = paired([dm_by_seed[name][s] - dm_by_seed["equal"][s] for s in per_seed]) if "equal" in runs else None
-        task_means = {t: mean([r["headline"][t] for r in per_seed.values()]) for t in TASKS}
-        drops = {t: 100 * relative_drop(task_means[t], stl_mean[t], HIGHER[t]) for t in TASKS}
-        worst = max(drops, key=drops.get)
+        score = scores[name]
         summary[name] = {
             "delta_m_mean": mean(dms), "delta_m_std": std(dms), "delta_m_per_seed": dms,
             "delta_m_minus_equal": vs_equal,
-            "tasks": task_means, "relative_drop_pct": drops, "worst_task": worst, "worst_drop_pct": drops[worst],
+            "tasks": score["tasks"], "relative_drop_pct": score["relative_drop_pct"],
+            "worst_task": score["worst_task"], "worst_drop_pct": score["worst_drop_pct"],
             "time_per_epoch_s": mean([r["time_per_epoch_s"] for r in per_seed.values()]),
             "cpu_time_per_epoch_s": mean([r["cpu_time_per_epoch_s"] for r in per_seed.values()]),
             "final_weights": {t: mean([r["loss_weights"][t] for r in per_seed.values()]) for t in TASKS},

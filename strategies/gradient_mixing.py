@@ -10,7 +10,6 @@ statistics in :mod:`strategies.mixing_stats`; this file only adapts loop callbac
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 import warnings
 from pathlib import Path
@@ -34,7 +33,7 @@ from incremental.transforms import random_shift
 from .logit_memory import LogitMemory
 from .mixing_rules import (
     DEFAULT_RULE, HISTORY_LOSSES, RULES, TRANSFER_LOSSES, AsymmetricCrossEntropy, Geometry, LogitAdjustedCrossEntropy,
-    class_log_prior, combine, gram_matrix, logit_replay_loss, mix, with_history_weight,
+    class_log_prior, combine, gram_matrix, is_history_weight, logit_replay_loss, mix, with_history_weight,
 )
 from .mixing_stats import STAT_NAMES, plot_stats, summarize_stats
 
@@ -114,8 +113,8 @@ class GradientMixingPlugin(Plugin):
               f"must be a number >= 0, got {logit_adjustment!r}")
         check(_is_int(history_shift) and history_shift >= 0, "history_shift",
               f"must be an integer >= 0 (pixels), got {history_shift!r}")
-        check(isinstance(history_weight, numbers.Real) and math.isfinite(history_weight) and history_weight > 0,
-              "history_weight", f"must be a finite number > 0, got {history_weight!r}")
+        check(is_history_weight(history_weight), "history_weight",
+              f"must be a finite number > 0, got {history_weight!r}")
         #: ``lam``: the rule mixes ``lam g_h`` with ``g_t`` (:func:`with_history_weight`; 1: the rule as stated).
         self.history_weight = float(history_weight)
         self.rule_name, self.rule = rule, with_history_weight(RULES[rule], self.history_weight)

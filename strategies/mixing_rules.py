@@ -175,6 +175,11 @@ HISTORY_LOSSES: dict[str, str] = {name: "der" if name.endswith(DER_SUFFIX) else 
 DEFAULT_RULE = "similarity_der"
 
 
+def is_history_weight(value: Any) -> bool:
+    """A valid ``history_weight``: a finite real number > 0 (the plugin's config check uses it too)."""
+    return isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
+
+
 def with_history_weight(rule: WeightRule, history_weight: float) -> WeightRule:
     """``rule`` applied to the history loss scaled by ``lam = history_weight``: to ``(lam g_h, g_t)``.
 
@@ -187,7 +192,7 @@ def with_history_weight(rule: WeightRule, history_weight: float) -> WeightRule:
     a heavier history step measured better on both (docs/gradient_mixing.md, "Transfer").
     ``history_weight`` 1 returns ``rule`` itself (bit for bit the unscaled rule).
     """
-    if not (isinstance(history_weight, numbers.Real) and math.isfinite(history_weight) and history_weight > 0):
+    if not is_history_weight(history_weight):
         raise ValueError(f"history_weight must be a finite number > 0, got {history_weight!r}")
     if history_weight == 1:
         return rule

@@ -161,10 +161,9 @@ def test_history_weight_scales_the_history_gradient_before_the_rule(digits, grad
     assert min(w_h) >= 2.5 and max(w_h) > 2.5  # the base weight, and the conflict term on top of it
 
 
-def train_in_avalanche_naive(plugin: GradientMixingPlugin) -> Probe:
-    """Two Split Digits experiences in Avalanche's ``Naive`` with ``plugin`` (its own library); the probe
-    that recorded every step."""
-    from avalanche.training import Naive
+def train_in_avalanche(strategy_class: type, plugins: list[Any], experiences: int, **options: Any) -> None:
+    """``experiences`` Split Digits experiences in an Avalanche strategy built the same way for every
+    caller (MLP 64-32-10 seeded 0, SGD 0.05, minibatches of 16, one epoch, no loggers)."""
     from avalanche.training.plugins import EvaluationPlugin
 
     bench, _ = load_example().avalanche_split_digits(5, 0)
@@ -172,12 +171,20 @@ def train_in_avalanche_naive(plugin: GradientMixingPlugin) -> Probe:
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
         model = MLP(64, 32, 10)
-        probe = Probe(plugin)
-        naive = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-                      criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1,
-                      plugins=[plugin, probe], evaluator=EvaluationPlugin(loggers=[]))
-        for exp in bench.train_stream[:2]:
-            naive.train(exp)
+        strategy = strategy_class(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                                  criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1,
+                                  plugins=plugins, evaluator=EvaluationPlugin(loggers=[]), **options)
+        for exp in bench.train_stream[:experiences]:
+            strategy.train(exp)
+
+
+def train_in_avalanche_naive(plugin: GradientMixingPlugin) -> Probe:
+    """Two Split Digits experiences in Avalanche's ``Naive`` with ``plugin`` (its own library); the probe
+    that recorded every step."""
+    from avalanche.training import Naive
+
+    probe = Probe(plugin)
+    train_in_avalanche(Naive, [plugin, probe], 2)
     return probe
 
 
@@ -245,7 +252,6 @@ def test_grad_is_exact_when_the_head_grows(digits, gradient_pass: str) -> None:
 
 def test_grad_is_exact_in_avalanche_naive_and_gss_greedy_is_not(digits) -> None:
     from avalanche.training import GSS_greedy
-    from avalanche.training.plugins import EvaluationPlugin
 
     plugin = GradientMixingPlugin(rule="similarity", mem_size=60)
     probe = train_in_avalanche_naive(plugin)
@@ -253,18 +259,10 @@ def test_grad_is_exact_in_avalanche_naive_and_gss_greedy_is_not(digits) -> None:
     assert mixed >= 10 and stale == 0
     assert len(plugin.library) == 60  # its own library, filled after the first experience
 
-    bench, _ = load_example().avalanche_split_digits(5, 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # Positive control: the same probe on Avalanche's GSS_greedy (no mixing: expected = plain
-        # gradient of the step's loss) finds gradients left over from its extra backward passes.
-        torch.manual_seed(0)
-        model = MLP(64, 32, 10)
-        gss_probe = Probe(None)
-        gss = GSS_greedy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-                         criterion=nn.CrossEntropyLoss(), mem_size=60, mem_strength=5, input_size=[64],
-                         train_mb_size=16, train_epochs=1, plugins=[gss_probe], evaluator=EvaluationPlugin(loggers=[]))
-        gss.train(bench.train_stream[0])
+    # Positive control: the same probe on Avalanche's GSS_greedy (no mixing: expected = plain gradient of
+    # the step's loss) finds gradients left over from its extra backward passes.
+    gss_probe = Probe(None)
+    train_in_avalanche(GSS_greedy, [gss_probe], 1, mem_size=60, mem_strength=5, input_size=[64])
     gss_stale, _ = count_stale(gss_probe, "sum")
     assert gss_stale >= len(gss_probe.records) // 2, (gss_stale, len(gss_probe.records))
 
