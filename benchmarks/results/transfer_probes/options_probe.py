@@ -31,7 +31,11 @@ def table(title: str, res: dict[str, dict[str, list]]) -> None:
 if sys.argv[1] == "combine":
     merged: dict[str, dict[str, list]] = {}
     for name in sys.argv[2:]:
-        for sh, rows in json.loads(Path(name).read_text())["results"].items():
+        try:
+            results = json.loads(Path(name).read_text())["results"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"{name}: not a result of this probe ({exc})") from None
+        for sh, rows in results.items():
             for label, rs in rows.items():
                 merged.setdefault(sh, {}).setdefault(label, []).extend(rs)
     table("combined", merged)
@@ -44,8 +48,19 @@ from incremental.io import write_json  # temp file + rename
 
 scenario, shots = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
 seeds, mem = [int(s) for s in sys.argv[3].split(",")], int(sys.argv[4])
-options = [arg.split("=", 1) for arg in sys.argv[5:]]
-options = [(label, json.loads(js)) for label, js in options]
+def option_set(arg: str) -> tuple[str, dict]:
+    """'LABEL=JSON' -> (label, options); a malformed argument stops with one line naming it."""
+    label, sep, text = arg.partition("=")
+    try:
+        options = json.loads(text) if sep else None
+    except ValueError as exc:
+        raise SystemExit(f"option set {arg!r}: not LABEL=JSON ({exc})") from None
+    if not isinstance(options, dict):
+        raise SystemExit(f"option set {arg!r}: not LABEL=JSON with a JSON object")
+    return label, options
+
+
+options = [option_set(arg) for arg in sys.argv[5:]]
 bench.transfer_plan = lambda scenario, shots: ([("fine-tune (naive)", {"name": "naive"}),
                                                 ("default", {"name": "gradient_mixing"})]
                                                + [(label, {"name": "gradient_mixing", **o}) for label, o in options])
